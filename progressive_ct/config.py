@@ -162,10 +162,10 @@ def _coerce(value, hint, where):
         raise InputError(f"{where}: expected a list of integers, got {value!r}")
     raise InputError(f"{where}: expected {_type_name(hint)}, got {json.dumps(value)}")
 
-def _build(cls, data, where, explicit):
-    "A dataclass from a dict, refusing unknown keys with the nearest valid one."
+def _build(cls, data, where, explicit, obj=None):
+    "A dataclass from a dict over its defaults (`obj`), refusing unknown keys with the nearest valid one."
     if not isinstance(data, dict): raise InputError(f"{where}: expected an object {{...}}, got {json.dumps(data)}")
-    obj = cls()
+    obj = cls() if obj is None else obj
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != 'origin']
     for key, value in data.items():
@@ -177,7 +177,7 @@ def _build(cls, data, where, explicit):
             raise InputError(f"{path}: unknown key{hint}")
         explicit.add(f'{where}.{name}' if where else name)
         if dataclasses.is_dataclass(hints[name]):
-            setattr(obj, name, _build(hints[name], value, path, explicit))
+            setattr(obj, name, _build(hints[name], value, path, explicit, getattr(obj, name)))
         else:
             setattr(obj, name, _coerce(value, hints[name], path))
     return obj
