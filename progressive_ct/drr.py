@@ -183,7 +183,7 @@ def drr_display(
     lo, hi = np.percentile(p, percentiles)
     return np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
-# %% ../nbs/01_drr.ipynb #8ba4341f
+# %% ../nbs/01_drr.ipynb #f2673929
 from .geometry import MU_WATER
 
 RADIOGRAPH_WET_MM = 400.0   # water-equivalent thickness (mm) that maps to 1.0 on the network's radiograph scale

@@ -36,7 +36,7 @@ def mu_to_hu(
     "Hounsfield units from linear attenuation: HU = 1000·(μ/μ_water − 1)."
     return 1000.0 * (mu / mu_water - 1.0)
 
-# %% ../nbs/00_geometry.ipynb #2c683148
+# %% ../nbs/00_geometry.ipynb #96413b1a
 HU_WINDOW = (-1000.0, 1500.0)   # HU mapped to [0, 1] for the network: air .. dense cortical bone
 
 def hu_to_unit(
