@@ -7,15 +7,17 @@ import dataclasses
 import difflib
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .geometry import InputError, PRESETS
+from .dataset import DataConfig
 
 # %% auto #0
-__all__ = ['ModelConfig', 'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig', 'DataConfig',
-           'CheckpointConfig', 'Config', 'config_from_dict', 'load_config', 'resolve_path']
+__all__ = ['ModelConfig', 'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig', 'CheckpointConfig', 'Config',
+           'config_from_dict', 'load_config', 'resolve_path']
 
 # %% ../nbs/09_config.ipynb #517e17c4
 @dataclass
@@ -75,20 +77,6 @@ class LossConfig:
     allow_random_vgg: bool = False           # use random VGG weights when the ImageNet ones cannot be had (tests only)
 
 @dataclass
-class DataConfig:
-    "`data`: where the dataset is, how to build it if it is missing, and how to split it."
-    dataset_path: str = 'data/phantoms'      # a prepared dataset (progressive-ct prepare); built here if source is phantoms
-    source: str = 'phantoms'                 # 'phantoms' (built in), 'nifti' or 'dicom' (from input_dir)
-    input_dir: typing.Optional[str] = None   # CT folder for source nifti / dicom
-    max_patients: typing.Optional[int] = None# use at most this many patients (phantoms: how many to make; default 100)
-    train_split: float = 0.8                 # fraction of patients for training
-    val_split: float = 0.1                   # ... for validation
-    test_split: float = 0.1                  # ... for testing
-    num_workers: int = 2                     # data-loading worker processes
-    fov_mm: float = 400.0                    # edge of the cubic field of view, mm
-    geometry: str = 'x2ct'                   # view geometry preset (x2ct, clinical, parallel)
-
-@dataclass
 class CheckpointConfig:
     "`checkpoints`: where a run writes, and how often it saves a resumable state."
     save_dir: str = 'checkpoints_progressive'# every output of the run goes here
@@ -101,7 +89,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=256, xray_size=512))   # follows the model's sizes
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     origin: str = field(default='<defaults>', repr=False, compare=False)   # file it was read from
 
@@ -142,7 +130,7 @@ def _type_name(t):
 def _coerce(value, hint, where):
     "Check one value against its field's type; ints are accepted for floats, lists for tuples."
     origin = typing.get_origin(hint)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None: return None
         hint = args[0]
@@ -216,6 +204,12 @@ def _check(c: Config, explicit: set):
         need(n % 2 == 0, f'training.stage{k}.voxel_dim', f"{n} is not divisible by 2: the refiner works at half resolution")
         need(n > c.stage(k - 1).voxel_dim, f'training.stage{k}.voxel_dim',
              f"{n} must exceed stage {k - 1}'s {c.stage(k - 1).voxel_dim}: each stage refines to a finer grid")
+    # the dataset is stored at the stage-3 resolution and rendered at the model's radiograph size, unless the file says otherwise
+    if 'data.resolution' not in explicit: d.resolution = t.stage3.voxel_dim
+    if 'data.xray_size' not in explicit: d.xray_size = m.xray_img_size
+    need(d.xray_size == m.xray_img_size, 'data.xray_size', f"{d.xray_size} differs from model.xray_img_size {m.xray_img_size}")
+    need(d.resolution >= t.stage3.voxel_dim, 'data.resolution', f"{d.resolution} is below the stage-3 resolution {t.stage3.voxel_dim}")
+    d.validate()
     need(t.weight_decay >= 0, 'training.weight_decay', f"must be 0 or more, got {t.weight_decay}")
     need(t.gradient_clip >= 0, 'training.gradient_clip', f"must be 0 (off) or positive, got {t.gradient_clip}")
     need(0 <= t.warmup_fraction < 1, 'training.warmup_fraction', f"must be in [0, 1), got {t.warmup_fraction}")
@@ -225,17 +219,8 @@ def _check(c: Config, explicit: set):
     for k in (1, 2, 3):
         for name, w in dataclasses.asdict(c.stage_loss(k)).items():
             need(w >= 0, f'loss.stage{k}.{name}', f"must be 0 or more, got {w}")
-    for key in ('train_split', 'val_split', 'test_split'):
-        need(0 <= getattr(d, key) <= 1, f'data.{key}', f"must be a fraction in [0, 1], got {getattr(d, key)}")
-    total = d.train_split + d.val_split + d.test_split
-    need(abs(total - 1) < 1e-6, 'data.train_split', f"train, val and test splits add up to {total:g}, not 1")
     need(d.train_split > 0, 'data.train_split', "must be positive: training needs patients")
-    need(d.source in ('phantoms', 'nifti', 'dicom'), 'data.source', f"{d.source!r}: expected 'phantoms', 'nifti' or 'dicom'")
     need(d.source == 'phantoms' or d.input_dir, 'data.input_dir', f"is needed for source {d.source!r}")
-    need(d.max_patients is None or d.max_patients >= 1, 'data.max_patients', f"must be at least 1, got {d.max_patients}")
-    need(d.num_workers >= 0, 'data.num_workers', f"must be 0 or more, got {d.num_workers}")
-    need(d.fov_mm > 0, 'data.fov_mm', f"must be a positive number of mm, got {d.fov_mm}")
-    need(d.geometry in PRESETS, 'data.geometry', f"unknown preset {d.geometry!r}; expected one of {', '.join(PRESETS)}")
     need(c.checkpoints.save_every >= 1, 'checkpoints.save_every', f"must be at least 1 epoch, got {c.checkpoints.save_every}")
 
 # %% ../nbs/09_config.ipynb #38ca56c0
