@@ -81,6 +81,10 @@ def _drr(args):
         print(f"{Path(args.out) / r['file']}: {r['shape'][0]}x{r['shape'][1]}, line integrals {r['min']:.2f}..{r['max']:.2f}")
     print(f"geometry {args.geometry} ({g.kind} beam), pixel {g.pixel_spacing:.3f} mm; volume {tuple(vol.shape)} at {tuple(round(s, 3) for s in vol.spacing)} mm")
 
+def _quickstart(args):
+    from progressive_ct.quickstart import quickstart
+    quickstart(args.out, args.config)
+
 # %% ../nbs/99_cli.ipynb #b1e30e8c
 class _Parser(argparse.ArgumentParser):
     "argparse, with errors as one line and exit code 2 (argparse's own convention)."
@@ -102,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--views', default='ap,lateral', help="comma-separated views: ap, lateral or angles in degrees (default ap,lateral)")
     d.add_argument('--size', type=int, default=128, help='phantom voxels per side (with --phantom; default 128)')
     d.set_defaults(func=_drr)
+    q = sub.add_parser('quickstart', help='phantoms -> dataset -> three stages -> evaluation, on a CPU in minutes')
+    q.add_argument('--out', type=Path, default=Path('quickstart_out'), help='output folder (default quickstart_out)')
+    q.add_argument('--config', type=Path, help='a configuration instead of the embedded quickstart one')
+    q.set_defaults(func=_quickstart)
+    from progressive_ct.dataset import add_prepare_parser
+    add_prepare_parser(sub)
+    from progressive_ct.train import add_train_arguments, run_training
+    t = sub.add_parser('train', help='train the cascade stage by stage (one process; see accelerate launch for more)')
+    add_train_arguments(t).set_defaults(func=run_training)
     return p
 
 def main(argv=None) -> int:
