@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
-from progressive_ct.dataset import CTDataset, make_loader, prepare
+from progressive_ct.dataset import CTDataset, make_loader, prepare, stored_ct_to_unit
 from progressive_ct.geometry import hu_to_unit
 from progressive_ct.phantoms import chest_phantom
 from progressive_ct.volumes import save_nifti
@@ -121,8 +121,7 @@ def bench_storage(root: Path, n: int = 128, rows: int = 8, reps: int = 3) -> lis
                 row = arrow[i]
                 cell = lambda k: row.column(k)[0]
                 a = np.frombuffer(cell('ct').as_buffer(), dtype=cell('ct_dtype').as_py()).reshape(cell('ct_shape').as_py())
-                x = torch.from_numpy(a.astype(np.float32))
-                return hu_to_unit(x) if a.dtype == np.int16 else x
+                return stored_ct_to_unit(a) if a.dtype == np.int16 else torch.from_numpy(a.astype(np.float32))
             readers = {'arrow + np.frombuffer': read}
         else:
             npds, tds = ds.with_format('numpy'), ds.with_format('torch')
@@ -159,12 +158,14 @@ def main():
     root.mkdir(parents=True, exist_ok=True)
     try:
         result = {'benchmark': 'data pipeline: prepare and loading', 'machine': platform.platform(), 'cpu_count': os.cpu_count(),
+                  'load_average_at_start': [round(v, 2) for v in os.getloadavg()],
                   'torch': torch.__version__, 'datasets': datasets.__version__, 'prepare': [], 'loading': [], 'storage': []}
         for n in args.sizes:
             result['prepare'].append(bench_prepare(root, n, args.patients, args.workers))
             result['loading'] += bench_loading(root / f'phantoms_{n}', n, args.epochs)
         if not args.skip_nifti: result['prepare'].append(bench_prepare_nifti(root, args.nifti_patients, args.workers))
         result['storage'] = bench_storage(root)
+        result['load_average_at_end'] = [round(v, 2) for v in os.getloadavg()]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + '\n')
         print(f"wrote {args.out}")

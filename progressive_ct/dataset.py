@@ -25,8 +25,8 @@ from .volumes import HU_PLUS_1024_POLICIES, atomic_write, ingest_ct, ipl_affine
 # %% auto #0
 __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS',
            'DataConfig', 'load_data_config', 'dataset_geometry', 'Source', 'find_sources', 'radiographs',
-           'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare', 'load_metadata', 'CTDataset',
-           'collate', 'make_loader', 'prepare_command', 'add_prepare_parser', 'main']
+           'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare', 'load_metadata',
+           'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'prepare_command', 'add_prepare_parser', 'main']
 
 # %% ../nbs/04_dataset.ipynb #91fc595d
 SOURCES = ('phantoms', 'nifti', 'dicom')
@@ -361,11 +361,12 @@ def _write_splits(rows: dict, splits: dict, folder: Path):
     shutil.rmtree(work)
 
 def _card_file(name: str):
-    "A dataset card: the package's copy if it ships one, else the source checkout's data_cards/."
+    """A dataset card from data_cards/: the source checkout's (an editable install), or the copy a wheel installs
+    under `<prefix>/share/progressive_ct/data_cards` (setup.py's `data_files`), or one inside the package."""
     import progressive_ct
     here = Path(progressive_ct.__file__).resolve().parent
-    for p in (here / 'data_cards' / name, here.parent / 'data_cards' / name):
-        if p.is_file(): return p
+    for folder in (here.parent / 'data_cards', Path(sys.prefix) / 'share' / 'progressive_ct' / 'data_cards', here / 'data_cards'):
+        if (folder / name).is_file(): return folder / name
     return None
 
 # %% ../nbs/04_dataset.ipynb #0d936345
@@ -528,6 +529,16 @@ def load_metadata(
         raise InputError(f"{path}: dataset format {meta.get('format_version')}, this kit reads {FORMAT_VERSION}; run progressive-ct prepare again")
     return meta
 
+def stored_ct_to_unit(
+    ct: np.ndarray,   # a stored CT, int16 HU
+) -> torch.Tensor:    # float32 on the network's [0, 1] scale
+    "`hu_to_unit` of a stored CT, bit for bit, in one float32 copy (numpy, in place: no thread pool, no temporaries)."
+    lo, hi = HU_WINDOW
+    x = ct.astype(np.float32)
+    x -= np.float32(lo); x /= np.float32(hi - lo)
+    np.clip(x, 0.0, 1.0, out=x)
+    return torch.from_numpy(x)
+
 class CTDataset(torch.utils.data.Dataset):
     "One split of a dataset: items `{'xray': [V,1,S,S], 'ct': [1,n,n,n], 'patient_id'}` at the resolution asked for."
     def __init__(self,
@@ -571,7 +582,7 @@ class CTDataset(torch.utils.data.Dataset):
         cell = lambda k: row.column(k)[0]
         def array(k):
             return np.frombuffer(cell(k).as_buffer(), dtype=cell(f'{k}_dtype').as_py()).reshape(cell(f'{k}_shape').as_py())
-        ct = hu_to_unit(torch.from_numpy(array('ct').astype(np.float32)))
+        ct = stored_ct_to_unit(array('ct'))
         if self.resolution != self.top:
             k = self.top // self.resolution
             ct = F.avg_pool3d(ct[None, None], k)[0, 0]
@@ -582,8 +593,8 @@ def collate(
     items: list,   # items of a `CTDataset`
 ) -> dict:
     "A batch: `{'xray': [B, V, 1, S, S], 'ct': [B, 1, n, n, n], 'patient_id': [B]}`."
-    return {'xray': torch.stack([it['xray'] for it in items]), 'ct': torch.stack([it['ct'] for it in items]),
-            'patient_id': [it['patient_id'] for it in items]}
+    # torch's default_collate stacks straight into shared memory inside a loader worker: no extra copy of the volumes
+    return torch.utils.data.default_collate(items)
 
 def make_loader(
     path,                          # dataset folder written by `prepare`
