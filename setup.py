@@ -1,4 +1,5 @@
 """Packaging for an nbdev 2 project: every setting is read from settings.ini."""
+import glob
 from configparser import ConfigParser
 import setuptools
 
@@ -34,6 +35,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
+    data_files=[('share/progressive_ct/data_cards', sorted(glob.glob('data_cards/*.md')))],   # dataset cards, found by `prepare`
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,

@@ -544,7 +544,7 @@ class CTDataset(torch.utils.data.Dataset):
     def __init__(self,
                  path,                        # dataset folder written by `prepare`
                  split: str = 'train',        # 'train', 'val' or 'test'
-                 resolution: int | None = None, # CT size n (a divisor of the stored N); default: the stored N
+                 resolution: int | None = None, # CT size n (at most the stored N; area-averaged); default: the stored N
                  dtype=torch.float32,         # dtype of the returned tensors
                 ):
         self.path, self.split, self.dtype = Path(path), split, dtype
@@ -552,8 +552,8 @@ class CTDataset(torch.utils.data.Dataset):
         if split not in self.meta['splits']: raise InputError(f"split {split!r}: expected one of {', '.join(self.meta['splits'])}")
         self.top = self.meta['resolution']
         n = self.top if resolution is None else int(resolution)
-        if not (1 <= n <= self.top and self.top % n == 0):
-            raise InputError(f"resolution {resolution}: must divide the stored {self.top} (e.g. {self.top // 4}, {self.top // 2}, {self.top})")
+        if not (1 <= n <= self.top):
+            raise InputError(f"resolution {resolution}: must be between 1 and the stored {self.top}")
         self.resolution = n
         self.patient_ids = list(self.meta['splits'][split])
         self._rows = None
@@ -584,8 +584,8 @@ class CTDataset(torch.utils.data.Dataset):
             return np.frombuffer(cell(k).as_buffer(), dtype=cell(f'{k}_dtype').as_py()).reshape(cell(f'{k}_shape').as_py())
         ct = stored_ct_to_unit(array('ct'))
         if self.resolution != self.top:
-            k = self.top // self.resolution
-            ct = F.avg_pool3d(ct[None, None], k)[0, 0]
+            # area (average) downsampling: block means where N/n is whole, overlapping-area means otherwise (e.g. 192 -> 128)
+            ct = F.adaptive_avg_pool3d(ct[None, None], self.resolution)[0, 0]
         xray = torch.from_numpy(array('xray').astype(np.float32))
         return {'xray': xray[:, None].to(self.dtype), 'ct': ct[None].to(self.dtype), 'patient_id': cell('patient_id').as_py()}
 
