@@ -29,7 +29,8 @@ from .config import Config, load_config, resolve_path
 
 # %% auto #0
 __all__ = ['ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader', 'build_model', 'save_weights', 'load_weights',
-           'validate', 'MetricLog', 'train', 'add_train_arguments', 'parse_stages', 'run_training', 'main']
+           'load_stage_weights', 'validate', 'MetricLog', 'train', 'add_train_arguments', 'parse_stages',
+           'run_training', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -124,6 +125,27 @@ def load_weights(
                 else f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})")
         raise InputError(f"{path}: weights of another model or configuration: {what}")
     model.load_state_dict(state)
+    side = path.with_suffix('.json')
+    return json.loads(side.read_text()) if side.is_file() else {}
+
+def load_stage_weights(
+    model: ProgressiveCascadeModel,  # the cascade to fill
+    path,                            # .safetensors of a cascade (e.g. stage1_best)
+    stages,                          # the stages whose modules to load (their encoder parts and stage modules)
+) -> dict:
+    "Load only what the given stages use, so a later stage can change shape without retraining the earlier ones."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"{path}: no such weights file")
+    try: state = load_file(str(path))
+    except Exception as e: raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    names = {id(m): n for n, m in model.named_modules()}
+    for k in stages:
+        for m in model.stage_modules(k):
+            prefix = names[id(m)] + '.'
+            sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+            try: m.load_state_dict(sub)
+            except RuntimeError as e:
+                raise InputError(f"{path}: stage {k}'s weights ({prefix[:-1]}) do not fit this configuration: {str(e).splitlines()[0]}") from None
     side = path.with_suffix('.json')
     return json.loads(side.read_text()) if side.is_file() else {}
 
@@ -238,7 +260,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
     if k > 1:
         prev = out / f'stage{k - 1}_best.safetensors'
         if not prev.is_file(): raise InputError(f"stage {k}: needs stage {k - 1}'s weights {prev}; train stage {k - 1} first (--stages {k - 1},{k})")
-        load_weights(model, prev)
+        load_stage_weights(model, prev, range(1, k))
     model.set_stage(k)
     w = cfg.stage_loss(k)
     loss_fn = STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,

@@ -48,7 +48,7 @@ def run(args, env=None, timeout=900, **kw):
 
 def accelerate_cmd():
     exe = Path(sys.executable).with_name('accelerate')
-    return [str(exe)] if exe.exists() else [sys.executable, '-m', 'accelerate.commands.launch']
+    return [str(exe), 'launch'] if exe.exists() else [sys.executable, '-m', 'accelerate.commands.launch']
 
 
 def record(folder, name):
