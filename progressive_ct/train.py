@@ -145,7 +145,7 @@ def load_stage_weights(
             sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
             try: m.load_state_dict(sub)
             except RuntimeError as e:
-                raise InputError(f"{path}: stage {k}'s weights ({prefix[:-1]}) do not fit this configuration: {str(e).splitlines()[0]}") from None
+                raise InputError(f"{path}: stage {k}'s weights ({prefix[:-1]}) do not fit this configuration: {' '.join(l.strip() for l in str(e).splitlines()[1:3])[:300]}") from None
     side = path.with_suffix('.json')
     return json.loads(side.read_text()) if side.is_file() else {}
 
