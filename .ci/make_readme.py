@@ -8,6 +8,7 @@ Images are extracted to README_files/; only the Markdown text is compared by --c
 the matplotlib build).
 """
 import argparse
+import os
 import re
 import sys
 import tempfile
@@ -37,6 +38,7 @@ def front_matter(cell):
 
 
 def render(files_dir='README_files'):
+    os.environ.pop('MPLBACKEND', None)              # the kernel's inline backend must capture the figures
     nb = nbformat.read(ROOT / 'nbs' / 'index.ipynb', as_version=4)
     NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(ROOT / 'nbs')}}).execute()
     cells = []
