@@ -1,6 +1,7 @@
 """Peak memory and time of one stage-3 training step, with and without gradient checkpointing.
 
     python benchmarks/memory.py [--grids 128 192 256] [--batch 1 2] [--device cpu|cuda] [--limit-gb 20] [--all-stages]
+    python benchmarks/memory.py --table-only      # print the table of benchmarks/results/memory.json again
 
 One step = the cascade's forward up to stage 3 (stages 1 and 2 frozen, as `set_stage(3)` leaves them), `Stage3Loss`
 (L1, SSIM, tri-planar VGG, gradient, DRR; VGG with random weights if torchvision's file is not cached: the cost is the
@@ -18,7 +19,7 @@ How memory is measured:
   grow, plus the memory before the step) exceeds
   `--limit-gb` (default: the smaller of 20 GB and the memory available, less 2 GB for the other processes on this
   machine); a watchdog also stops any run whose RSS passes the limit. For a skipped configuration without
-  checkpointing the ratio is then bounded: checkpointed / limit.
+  checkpointing the ratio is then bounded (checkpointed / limit) and estimated (checkpointed / predicted).
 
 `--all-stages` also times one forward + backward of stages 1 and 2 (the full-tier check of the cascade notebook).
 Writes benchmarks/results/memory.json.
@@ -138,10 +139,16 @@ def main():
     ap.add_argument('--checkpointing', type=int, default=1)
     ap.add_argument('--child', action='store_true')
     ap.add_argument('--out', default=str(RESULTS))
+    ap.add_argument('--table-only', action='store_true', help='print the table of the results file again, run nothing')
+    ap.add_argument('--note', default='', help='stored with the results (e.g. what else ran on the machine)')
     args = ap.parse_args()
     if args.child:
         args.batch = args.batch[0]
         return step(args)
+    if args.table_only:
+        rows = json.loads(Path(args.out).read_text())['runs']
+        args.grids = sorted({r['voxel_dims'][-1] for r in rows}); args.batch = sorted({r['batch'] for r in rows})
+        return report(args, rows)
     from progressive_ct.cascade import CASCADE_TIERS
     base_dims = tuple(CASCADE_TIERS[args.tier]['voxel_dims'])
     rows = []
@@ -158,6 +165,7 @@ def main():
                     if predicted > limit:
                         rows.append(dict(batch=batch, checkpointing=ckpt, voxel_dims=args.voxel_dims, skipped=True,
                                          predicted_gb=predicted, limit_gb=limit,
+                                         predicted_step_gb=st['step_peak_gb'] * (grid / ref['voxel_dims'][-1]) ** 3,
                                          note=f"skipped: predicted {predicted:.1f} GB in all (the {ref['voxel_dims'][-1]}³ step × "
                                               f"{(grid / ref['voxel_dims'][-1]) ** 3:.2f}) exceeds the {limit:.1f} GB this machine can give"))
                         print(f"{grid}³ batch {batch}, checkpointing {'on' if ckpt else 'off'}: {rows[-1]['note']}", flush=True)
@@ -167,8 +175,13 @@ def main():
                 r.setdefault('voxel_dims', args.voxel_dims)
                 r['limit_gb'] = limit
                 rows.append(r)
+    report(args, rows)
+
+
+def report(args, rows):
+    "Print the table and write the results."
     print(f"\nstage-3 training step, {args.tier} widths, {args.device}: step memory (total peak) and time")
-    print(f"{'grid':>5s} {'batch':>5s} | {'no checkpointing':>30s} | {'checkpointing':>30s} | {'ratio':>6s}")
+    print(f"{'grid':>5s} {'batch':>5s} | {'no checkpointing':>30s} | {'checkpointing':>30s} | ratio")
     table = []
     for grid in sorted(args.grids):
         for batch in args.batch:
@@ -181,11 +194,13 @@ def main():
                 text = f"{ratio:.2f}"
             elif not on.get('skipped'):
                 ratio = on['stage3']['step_peak_gb'] / off['limit_gb']
-                text = f"<{ratio:.2f}"
+                text = f"<{ratio:.2f}, ~{on['stage3']['step_peak_gb'] / off['predicted_step_gb']:.2f} predicted"
             else: ratio, text = None, '-'
-            print(f"{grid:>4d}³ {batch:>5d} | {cell(off):>30s} | {cell(on):>30s} | {text:>6s}")
+            print(f"{grid:>4d}³ {batch:>5d} | {cell(off):>30s} | {cell(on):>30s} | {text}")
             table.append(dict(grid=grid, batch=batch, ratio_checkpointing_vs_not=ratio,
                               ratio_is_upper_bound=bool(off.get('skipped')) and not on.get('skipped'),
+                              ratio_vs_predicted=(on['stage3']['step_peak_gb'] / off['predicted_step_gb']
+                                                  if off.get('skipped') and not on.get('skipped') else None),
                               checkpointing_step_gb=None if on.get('skipped') else on['stage3']['step_peak_gb'],
                               checkpointing_peak_gb=None if on.get('skipped') else on['stage3']['peak_gb']))
     for r in rows:
@@ -199,7 +214,7 @@ def main():
                             'peak_gb = total peak RSS of the process' if args.device == 'cpu'
                             else 'CUDA: max_memory_allocated over the step minus allocated before; peak_gb = max allocated'),
                   goals=dict(checkpointing_ratio_max=0.5, batch2_checkpointing_max_gb=20.0, at_grid=256),
-                  runs=rows, table=table)
+                  load_average=os.getloadavg(), note=args.note, runs=rows, table=table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
     print(f"wrote {args.out}")
