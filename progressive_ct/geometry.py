@@ -253,11 +253,13 @@ def ellipsoid(
     xa = x / a
     q = xa.norm(dim=-1)                                   # 1 on the surface
     grad = x / a**2                                       # ∝ the surface normal (in the ellipsoid's frame)
-    gn = grad.norm(dim=-1).clamp(min=1e-12)
-    sd = (q - 1) * q / gn                                 # signed distance, mm (exact for a ball)
+    gn = grad.norm(dim=-1)
+    at_centre = gn < 1e-9                                 # the direction is undefined there: deep inside
+    gn = gn.clamp(min=1e-9)
+    sd = torch.where(at_centre, -a.min(), (q - 1) * q / gn)   # signed distance, mm (exact for a ball)
     n = grad / gn[..., None]
     if rotation is not None: n = n @ torch.as_tensor(rotation, dtype=torch.float32)   # back to world axes
-    width = (n * torch.tensor(sp, dtype=torch.float32)).norm(dim=-1)
+    width = (n * torch.tensor(sp, dtype=torch.float32)).norm(dim=-1).clamp(min=min(sp))
     return (0.5 - sd / width).clamp(0, 1).to(dtype)
 
 # %% ../nbs/00_geometry.ipynb #0caf3c09
