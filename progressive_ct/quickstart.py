@@ -77,8 +77,6 @@ def write_samples(
     model, path, out, split: str = 'test', max_samples: int = 4,
 ) -> list:
     "NIfTI volumes (HU, the field of view's affine) of every stage and the ground truth, and a figure, per patient."
-    import matplotlib
-    matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     model.eval()
     ds = CTDataset(path, split, model.voxel_dims[-1])
