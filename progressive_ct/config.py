@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .geometry import InputError, PRESETS
+from .geometry import InputError
 from .dataset import DataConfig
 
 # %% auto #0

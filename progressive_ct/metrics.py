@@ -3,8 +3,6 @@
 # %% ../nbs/08_metrics.ipynb #f0d3ae4c
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from skimage.metrics import structural_similarity

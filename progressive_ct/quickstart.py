@@ -15,7 +15,7 @@ from .volumes import atomic_write, save_nifti
 from .dataset import CTDataset, load_metadata
 from .cascade import resize_volume
 from .metrics import psnr3d, ssim3d
-from .config import Config, load_config, resolve_path
+from .config import resolve_path
 from .train import build_model, load_weights, mean_volume, stage_loader, train
 
 # %% auto #0

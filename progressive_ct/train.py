@@ -22,7 +22,7 @@ import progressive_ct
 from .geometry import Geometry, InputError
 from .volumes import atomic_write
 from .dataset import CTDataset, collate, load_metadata, prepare, META_FILE
-from .cascade import ProgressiveCascadeModel, resize_volume
+from .cascade import ProgressiveCascadeModel
 from .losses import STAGE_LOSSES
 from .metrics import psnr3d, ssim3d
 from .config import Config, load_config, resolve_path
@@ -225,7 +225,7 @@ def train(
     _guard_distributed(accelerator)
     say = log or accelerator.print
     out.mkdir(parents=True, exist_ok=True)
-    progress_file, state_dir = out / 'progress.json', out / 'state'
+    progress_file = out / 'progress.json'
     progress = _read_json(progress_file, {}) if resume else {}
     if resume and not progress: say(f"{out}: nothing to resume (no progress.json); starting from the beginning")
     if accelerator.is_main_process:
