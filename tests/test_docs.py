@@ -1,0 +1,203 @@
+"""The docs site: nbdev's docs configuration, and pages built offline (.ci/render_docs.py) as a browser shows them.
+
+Quarto itself is not needed: the pages come from nbdev's own processing (what `nbdev_docs` hands to Quarto)
+converted by nbconvert, and headless Chromium renders them. Without Chromium the browser checks are skipped.
+"""
+import html
+import inspect
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / 'nbs'
+API_NB, API_PAGE = '01_drr.ipynb', 'drr.html'      # one API notebook: fast to process, documents render_drr
+BROWSERS = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
+
+
+# ------------------------------------------------------------------------------------- configuration (no browser)
+def test_nbdev_yml_is_what_nbdev_writes():
+    "nbdev_docs rewrites nbs/nbdev.yml from settings.ini on every build: the committed file must already be that."
+    from nbdev.config import get_config
+    from nbdev.quarto import _nbdev_yml
+    cfg = get_config()
+    vals = {k: cfg[k] for k in ['title', 'description', 'branch', 'git_url', 'doc_host', 'doc_baseurl']}
+    vals['doc_path'] = cfg.doc_path.name
+    assert (NBS / 'nbdev.yml').read_text(encoding='utf-8') == _nbdev_yml.format(**vals), \
+        'nbs/nbdev.yml is out of date with settings.ini: run `python -c "from nbdev.quarto import refresh_quarto_yml; refresh_quarto_yml()"`'
+    site = yaml.safe_load((NBS / 'nbdev.yml').read_text(encoding='utf-8'))
+    assert site['project']['output-dir'] == '_docs'
+    assert site['website']['site-url'] == cfg.doc_host + cfg.doc_baseurl and site['website']['repo-url'] == cfg.git_url
+
+
+def test_quarto_yml():
+    q = yaml.safe_load((NBS / '_quarto.yml').read_text(encoding='utf-8'))
+    assert q['project']['type'] == 'website'
+    html_fmt = q['format']['html']
+    assert html_fmt['css'] == 'styles.css' and (NBS / 'styles.css').exists() and html_fmt['toc'] is True
+    assert {'nbdev.yml', 'sidebar.yml'} <= set(q['metadata-files'])
+    assert 'execute' not in q, 'the processed notebooks cannot be executed by Quarto (nbdev removed their imports)'
+
+
+def _sidebar_pages(entries):
+    for e in entries:
+        if isinstance(e, dict):
+            if e.get('href'): yield e['href']
+            yield from _sidebar_pages(e.get('contents') or [])
+        else: yield e
+
+
+def test_sidebar_lists_every_notebook():
+    "sidebar.yml is kept by hand (custom_sidebar = True, or nbdev_docs would overwrite it): no page may be left out."
+    from nbdev.config import get_config
+    from nbdev.doclinks import nbglob
+    assert get_config().custom_sidebar, 'settings.ini must say custom_sidebar = True, or nbdev_docs regenerates sidebar.yml'
+    spec = yaml.safe_load((NBS / 'sidebar.yml').read_text(encoding='utf-8'))
+    listed = list(_sidebar_pages(spec['website']['sidebar']['contents']))
+    assert listed[0] == 'index.ipynb' and len(listed) == len(set(listed))
+    numbered = [p for p in listed if re.match(r'\d+_', p)]
+    assert numbered == sorted(numbered), 'module notebooks in data-flow (file-number) order'
+    present = {Path(p).relative_to(NBS).as_posix() for p in nbglob(NBS, func=Path)}
+    assert not present - set(listed), f'notebooks missing from nbs/sidebar.yml: {sorted(present - set(listed))}'
+
+
+# ------------------------------------------------------------------------------------------ offline build
+@pytest.fixture(scope='module')
+def site(tmp_path_factory):
+    "The home page and one API page, built by the offline docs script."
+    tmp = tmp_path_factory.mktemp('docs')
+    r = subprocess.run([sys.executable, str(ROOT / '.ci' / 'render_docs.py'), 'index.ipynb', API_NB,
+                        '--out', str(tmp / 'site'), '--proc', str(tmp / 'proc')],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return tmp / 'site'
+
+
+def test_build_fails_naming_the_notebook(tmp_path):
+    "A notebook whose show_doc processing fails makes the script exit 1 and name it; the others are still built."
+    nbs = tmp_path / 'nbs'
+    nbs.mkdir()
+    kernel = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
+    def notebook(name, *sources):
+        cells = [{'cell_type': 'code', 'execution_count': None, 'id': f'c{i}', 'metadata': {}, 'outputs': [],
+                  'source': src} for i, src in enumerate(sources)]
+        (nbs / name).write_text(json.dumps({'cells': cells, 'metadata': kernel, 'nbformat': 4, 'nbformat_minor': 5}))
+    notebook('broken.ipynb', '#| export\nimport no_such_module_xyz')
+    notebook('fine.ipynb', '#| export\ndef f(x:int): # a number\n    "Twice x."\n    return 2 * x')
+    r = subprocess.run([sys.executable, str(ROOT / '.ci' / 'render_docs.py'), '--nbs', str(nbs), 'broken.ipynb', 'fine.ipynb',
+                        '--out', str(tmp_path / 'site'), '--proc', str(tmp_path / 'proc')],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 1, r.stdout + r.stderr
+    failed = [l for l in r.stderr.splitlines() if l.startswith('FAILED:')]
+    assert len(failed) == 1 and 'broken.ipynb' in failed[0] and 'no_such_module_xyz' in r.stderr, r.stdout + r.stderr
+    assert (tmp_path / 'site' / 'fine.html').exists() and not (tmp_path / 'site' / 'broken.html').exists()
+    assert 'Twice x.' in (tmp_path / 'site' / 'fine.html').read_text(encoding='utf-8')
+
+
+def test_pages_written(site):
+    assert (site / 'index.html').exists() and (site / API_PAGE).exists()
+    home = (site / 'index.html').read_text(encoding='utf-8')
+    links = re.findall(r'href="([^"]*)"', home)
+    assert not [l for l in links if '.ipynb' in l], 'links between pages must point to .html pages'
+    assert f'href="{API_PAGE}"' in home                     # the sidebar links the API page
+
+
+# ----------------------------------------------------------------------------------------------- browser
+class _Text(HTMLParser):
+    "Visible text of a DOM (no script/style), whitespace collapsed."
+    def __init__(self):
+        super().__init__(); self.parts, self.skip = [], 0
+    def handle_starttag(self, tag, attrs): self.skip += tag in ('script', 'style')
+    def handle_endtag(self, tag): self.skip -= tag in ('script', 'style') and self.skip > 0
+    def handle_data(self, data):
+        if not self.skip: self.parts.append(data)
+
+
+def visible_text(dom):
+    p = _Text(); p.feed(dom)
+    return re.sub(r'\s+', ' ', ''.join(p.parts))
+
+
+@pytest.fixture(scope='module')
+def browser():
+    exe = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if exe is None:
+        pytest.skip('headless Chromium is not installed: `apt-get install -y chromium` (Debian/Ubuntu) to run the '
+                    'browser checks of the docs pages')
+    return exe
+
+
+@pytest.fixture(scope='module')
+def chrome(browser, tmp_path_factory):
+    "Run headless Chromium on a page: ('dom', path) -> DOM text, ('shot', path) -> screenshot PNG path."
+    profile = tmp_path_factory.mktemp('chromium-profile')
+    def run(mode, page):
+        base = [browser, '--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', f'--user-data-dir={profile}',
+                '--window-size=1280,2000']
+        if mode == 'dom':
+            r = subprocess.run(base + ['--dump-dom', page.as_uri()], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0 and '<body' in r.stdout, r.stderr[-2000:]
+            return r.stdout
+        png = page.with_suffix('.png')
+        r = subprocess.run(base + [f'--screenshot={png}', page.as_uri()], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and png.exists(), r.stderr[-2000:]
+        return png
+    return run
+
+
+def readme_title_and_commands():
+    "The README's title and its first two shell commands (the quickstart and the test command)."
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    title = re.search(r'^# (.+)$', readme, flags=re.M).group(1).strip()
+    commands = re.findall(r'```bash\n(.*?)\n```', readme, flags=re.S)[:2]
+    assert len(commands) == 2, 'README.md should hold the two commands in ```bash blocks'
+    return title, commands
+
+
+def test_home_page_shows_readme(chrome, site):
+    dom = chrome('dom', site / 'index.html')
+    text = visible_text(dom)
+    title, commands = readme_title_and_commands()
+    assert re.search(rf'<h1[^>]*>\s*{re.escape(html.escape(title))}\s*</h1>', dom), 'page title from the front matter'
+    for cmd in commands:
+        assert re.sub(r'\s+', ' ', cmd.strip()) in text, f'command not on the home page: {cmd}'
+    for heading in re.findall(r'^## (.+)$', (ROOT / 'README.md').read_text(encoding='utf-8'), flags=re.M):
+        assert heading.strip() in text
+
+
+def test_api_page_shows_show_doc(chrome, site):
+    from progressive_ct.drr import render_drr
+    dom = chrome('dom', site / API_PAGE)
+    # nbdev's show_doc: a heading with the name (Pandoc-style id, the target of doc links) and the signature
+    assert re.search(r'<h3[^>]*id="render_drr"[^>]*>\s*render_drr', dom)
+    text = visible_text(dom)
+    sig = text[text.index('def render_drr('):]
+    sig = sig[:sig.index('):') + 2] if '):' in sig else sig[:sig.index(')->') + 3]
+    for name in inspect.signature(render_drr).parameters:
+        assert re.search(rf'\b{name}\s*[:=,)]', sig), f'parameter {name} missing from the rendered signature'
+    assert '# linear attenuation' in sig, 'the per-parameter comments (nbdev docments) are shown'
+    assert inspect.getdoc(render_drr).splitlines()[0] in text
+    assert '#|' not in text, 'cell directives must not show'
+
+
+@pytest.mark.parametrize('page', ['index.html', API_PAGE])
+def test_screenshot_not_blank(chrome, site, page):
+    import matplotlib.image as mpimg
+    png = chrome('shot', site / page)
+    assert png.stat().st_size > 20_000, f'{png.name}: {png.stat().st_size} bytes'
+    img = mpimg.imread(png)[..., :3]
+    assert img.shape[:2] == (2000, 1280)
+    gray = img.mean(axis=2)
+    content = gray[:1000, 300:]                            # right of the sidebar: title and first paragraphs
+    assert gray.std() > 0.05 and content.std() > 0.05, f'{page}: screenshot looks uniform'
+    dark = (content < 0.5).mean()                          # text pixels: present, but not a dark/failed page
+    assert 0.005 < dark < 0.5, f'{page}: {dark:.3f} of the content area is dark'
+    assert len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
