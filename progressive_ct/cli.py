@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     from progressive_ct.train import add_train_arguments, run_training
     t = sub.add_parser('train', help='train the cascade stage by stage (one process; see accelerate launch for more)')
     add_train_arguments(t).set_defaults(func=run_training)
+    from progressive_ct.inference import add_infer_arguments, infer_command
+    i = sub.add_parser('infer', help='reconstruct with a trained checkpoint: one patient, a whole split (metrics), or your own radiograph files')
+    add_infer_arguments(i).set_defaults(func=infer_command)
     return p
 
 def main(argv=None) -> int:

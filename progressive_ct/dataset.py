@@ -26,7 +26,8 @@ from .volumes import HU_PLUS_1024_POLICIES, atomic_write, ingest_ct, ipl_affine
 __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS',
            'DataConfig', 'load_data_config', 'dataset_geometry', 'Source', 'find_sources', 'radiographs',
            'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare', 'load_metadata',
-           'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'prepare_command', 'add_prepare_parser', 'main']
+           'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'radiograph_reference', 'prepare_command',
+           'add_prepare_parser', 'main']
 
 # %% ../nbs/04_dataset.ipynb #91fc595d
 SOURCES = ('phantoms', 'nifti', 'dicom')
@@ -579,15 +580,12 @@ class CTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows()[int(i)]                                   # a one-row pyarrow Table: no copy yet
-        cell = lambda k: row.column(k)[0]
-        def array(k):
-            return np.frombuffer(cell(k).as_buffer(), dtype=cell(f'{k}_dtype').as_py()).reshape(cell(f'{k}_shape').as_py())
-        ct = stored_ct_to_unit(array('ct'))
+        ct = stored_ct_to_unit(_row_array(row, 'ct'))
         if self.resolution != self.top:
             # area (average) downsampling: block means where N/n is whole, overlapping-area means otherwise (e.g. 192 -> 128)
             ct = F.adaptive_avg_pool3d(ct[None, None], self.resolution)[0, 0]
-        xray = torch.from_numpy(array('xray').astype(np.float32))
-        return {'xray': xray[:, None].to(self.dtype), 'ct': ct[None].to(self.dtype), 'patient_id': cell('patient_id').as_py()}
+        xray = torch.from_numpy(_row_array(row, 'xray').astype(np.float32))
+        return {'xray': xray[:, None].to(self.dtype), 'ct': ct[None].to(self.dtype), 'patient_id': row.column('patient_id')[0].as_py()}
 
 def collate(
     items: list,   # items of a `CTDataset`
@@ -609,6 +607,29 @@ def make_loader(
     ds = CTDataset(path, split, resolution)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=(split == 'train') if shuffle is None else shuffle,
                                        num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0, **kwargs)
+
+# %% ../nbs/04_dataset.ipynb #5ec5bbd3
+def _row_array(row, key: str) -> np.ndarray:
+    "One array stored in a one-row Arrow table as bytes + dtype + shape (no copy)."
+    cell = lambda k: row.column(k)[0]
+    return np.frombuffer(cell(key).as_buffer(), dtype=cell(f'{key}_dtype').as_py()).reshape(cell(f'{key}_shape').as_py())
+
+def radiograph_reference(
+    path,                       # dataset folder written by `prepare`
+    split: str = 'train',       # the split the model learnt from
+    percentiles=(1.0, 99.0),    # the two intensity anchors
+    max_patients: int = 64,     # patients read, evenly spaced over the split
+) -> dict:                      # {'percentiles': [p_lo, p_hi], view name: [value at p_lo, value at p_hi], ...}
+    "Mean percentiles of each view's radiographs over a split, on the network's scale: the anchors that calibrate radiographs of unknown scale."
+    meta = load_metadata(path)
+    rows = CTDataset(path, split).rows()
+    if len(rows) == 0: raise InputError(f"{path}: the {split} split is empty: no radiographs to take a reference from")
+    idx = np.unique(np.linspace(0, len(rows) - 1, min(int(max_patients), len(rows))).round().astype(int))
+    per = [np.percentile(_row_array(rows[int(i)], 'xray').astype(np.float32).reshape(len(meta['views']), -1),
+                         percentiles, axis=1).T for i in idx]
+    mean = np.mean(per, axis=0)
+    return {'percentiles': [float(p) for p in percentiles]} | {v: [float(a), float(b)] for v, (a, b) in zip(meta['views'], mean)}
+
 
 # %% ../nbs/04_dataset.ipynb #cec2b076
 def prepare_command(args):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import progressive_ct
 from .geometry import Geometry, InputError
 from .volumes import atomic_write
-from .dataset import CTDataset, collate, load_metadata, prepare, META_FILE
+from .dataset import CTDataset, collate, load_metadata, prepare, radiograph_reference, META_FILE
 from .cascade import ProgressiveCascadeModel
 from .losses import STAGE_LOSSES
 from .metrics import psnr3d, ssim3d
@@ -233,6 +233,7 @@ def train(
     if tb: accelerator.init_trackers('progressive_ct')
     data = ensure_dataset(cfg, accelerator, log=say)
     meta = load_metadata(data)
+    meta['radiograph_reference'] = radiograph_reference(data)
     set_seed(t.seed)
     model = build_model(cfg, meta)
     dims = cfg.voxel_dims
@@ -251,6 +252,10 @@ def train(
     return results
 
 # %% ../nbs/10_train.ipynb #ee24d969
+def _model_record(model, meta) -> dict:
+    "What inference needs beside the weights: the model's own arguments (geometry included) and the radiograph calibration."
+    return {'model': json.loads(json.dumps(model.config)), 'radiograph_reference': meta.get('radiograph_reference')}
+
 def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar):
     "One stage: freeze the rest, load the previous best, train, validate, save; resumable at epoch boundaries."
     from tqdm.auto import tqdm
@@ -320,7 +325,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
         metrics_log(k, epoch + 1, step, {**train_means, 'val_psnr': val['psnr'], 'val_ssim': val['ssim'],
                                          'lr': sched.get_last_lr()[0], 'skipped_steps': skipped})
         info = {'stage': k, 'epoch': epoch + 1, 'metrics': {'val_psnr': val['psnr'], 'val_ssim': val['ssim'], **train_means},
-                'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data)}
+                'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_weights(model, out / f'stage{k}_last.safetensors', info)
@@ -333,7 +338,8 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
         if (epoch + 1) % cfg.checkpoints.save_every == 0 or epoch + 1 == s.num_epochs:
             _save_progress(accelerator, out, k, epoch + 1, best, bad_in_row, skipped, progress)
     if s.num_epochs == 0 and accelerator.is_main_process:     # nothing to train: the stage as initialised is its best
-        save_weights(model, out / f'stage{k}_best.safetensors', {'stage': k, 'epoch': 0, 'metrics': {}, 'config': cfg.to_dict()})
+        save_weights(model, out / f'stage{k}_best.safetensors', {'stage': k, 'epoch': 0, 'metrics': {}, 'config': cfg.to_dict(),
+                                                                 'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)})
     accelerator.wait_for_everyone()
     say(f"stage {k} done: best val PSNR {best['psnr']:.2f} dB (epoch {best.get('epoch', 0)}) -> {out / f'stage{k}_best.safetensors'}")
     accelerator.free_memory()
