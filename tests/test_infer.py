@@ -1,0 +1,124 @@
+"""`progressive-ct infer` on the quickstart's own checkpoint: every output of `single` and `evaluate`, `files` on the
+PNG radiographs the kit wrote reproducing `single`, and bad input as one line, exit 2, nothing written.
+
+The module fixture runs the real quickstart (`progressive-ct quickstart`), so these tests also check, end to end,
+that the quickstart trains all three stages and that each beats both of its baselines on the test split."""
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope='module')
+def quickstart_run(tmp_path_factory):
+    "The quickstart, run once for the module through the console script."
+    from conftest import cli_command
+    import subprocess
+    out = tmp_path_factory.mktemp('qs') / 'quickstart_out'
+    r = subprocess.run(cli_command() + ['quickstart', '--out', str(out)], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_quickstart_beats_both_baselines(quickstart_run):
+    s = json.loads((quickstart_run / 'summary.json').read_text())
+    assert s['beats_both_baselines'] == {'stage1': True, 'stage2': True, 'stage3': True}, s
+    for k in ('stage2', 'stage3'):
+        assert s[k]['psnr'] > s[k]['baseline_psnr'] and s[k]['psnr'] > s[k]['mean_psnr']
+
+
+def test_single_writes_every_output(quickstart_run, cli, tmp_path):
+    out = tmp_path / 'single'
+    r = cli('infer', '--checkpoint', quickstart_run / 'checkpoints', '--mode', 'single', '--sample-idx', 1,
+            '--output-dir', out, '--save-nifti')
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['n'] == 1 and summary['stages'] == 3
+    folder = Path(summary['outputs'][0])
+    assert {p.name for p in folder.iterdir()} == {'stage1.nii.gz', 'stage2.nii.gz', 'stage3.nii.gz', 'ground_truth.nii.gz',
+                                                  'figure.png', 'ap.png', 'lateral.png'}
+    meta = json.loads((quickstart_run / 'dataset' / 'progressive_ct.json').read_text())
+    for name, n in (('stage1', 16), ('stage2', 32), ('stage3', 64), ('ground_truth', 64)):
+        img = nib.load(folder / f'{name}.nii.gz')
+        assert img.shape == (n,) * 3 and np.allclose(img.header.get_zooms(), meta['fov_mm'] / n)
+        assert nib.aff2axcodes(img.affine) == ('I', 'P', 'L')
+        hu = img.get_fdata()
+        assert -1000.5 <= hu.min() and hu.max() <= 1500.5 and hu.std() > 50     # HU inside the window, not blank
+    assert Image.open(folder / 'figure.png').size[0] > 500
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    assert len(rows) == 6 and {r['grid'] for r in rows} == {'native', 'full'}
+    for key in ('psnr', 'ssim', 'mae_hu', 'psnr_2d_x2ct', 'ssim_2d_x2ct'):
+        assert key in rows[0] and key in summary['metrics']['stage3']['full'] and key in summary['definitions']
+    # the per-patient line and the table both families
+    assert 'PSNR' in r.stdout and 'X2CT' in r.stdout
+
+
+def test_evaluate_scores_the_split(quickstart_run, cli, tmp_path):
+    out = tmp_path / 'eval'
+    r = cli('infer', '--checkpoint', quickstart_run / 'checkpoints' / 'stage3_best.safetensors', '--mode', 'evaluate',
+            '--num-samples', 100, '--output-dir', out)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    qs = json.loads((quickstart_run / 'summary.json').read_text())
+    assert summary['n'] == qs['n'] == 4                       # the whole test split (100 asked, 4 there)
+    rows = list(csv.DictReader(open(out / 'metrics.csv')))
+    assert len(rows) == 4 * 3 * 2
+    for k in (1, 2, 3):
+        native = [float(r['psnr']) for r in rows if r['stage'] == str(k) and r['grid'] == 'native']
+        m = summary['metrics'][f'stage{k}']['native']['psnr']
+        assert m['n'] == 4 and abs(m['mean'] - np.mean(native)) < 1e-9 and abs(m['std'] - np.std(native)) < 1e-9
+        # the same numbers as the quickstart's own evaluation (same checkpoint, split and metric)
+        assert abs(m['mean'] - qs[f'stage{k}']['psnr']) < 1e-3
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 4
+    assert not any(p.suffix == '.gz' for p in out.rglob('*'))  # no --save-nifti, no volumes
+
+
+def test_files_on_the_kits_pngs_reproduce_single(quickstart_run, cli, tmp_path):
+    single = tmp_path / 'single'
+    assert cli('infer', '--checkpoint', quickstart_run / 'checkpoints', '--mode', 'single', '--output-dir', single,
+               '--save-nifti').returncode == 0
+    folder = Path(json.loads((single / 'summary.json').read_text())['outputs'][0])
+    files = tmp_path / 'files'
+    r = cli('infer', '--checkpoint', quickstart_run / 'checkpoints', '--mode', 'files', '--xray-ap', folder / 'ap.png',
+            '--xray-lat', folder / 'lateral.png', '--output-dir', files, '--save-nifti')
+    assert r.returncode == 0, r.stderr
+    assert 'real radiographs are not DRRs' in r.stdout
+    mine = Path(json.loads((files / 'summary.json').read_text())['outputs'][0])
+    for k in (1, 2, 3):
+        a, b = nib.load(mine / f'stage{k}.nii.gz').get_fdata(), nib.load(folder / f'stage{k}.nii.gz').get_fdata()
+        assert np.abs(a - b).max() <= 1.0                     # equal up to one int16 HU step
+    assert not (files / 'metrics.csv').exists() and not (mine / 'ground_truth.nii.gz').exists()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(quickstart_run, cli, tmp_path):
+    ck = quickstart_run / 'checkpoints'
+    Image.fromarray(np.zeros((128, 100), np.uint8)).save(tmp_path / 'tall.png')
+    (tmp_path / 'scan.png').write_text('not an image')
+    Image.fromarray(np.zeros((128, 128, 3), np.uint8) + np.arange(3, dtype=np.uint8)).save(tmp_path / 'rgb.png')
+    good = tmp_path / 'ok.npy'
+    np.save(good, np.zeros((128, 128), np.float32))
+    cases = [(('--checkpoint', tmp_path / 'nowhere'), 'nowhere'),
+             (('--checkpoint', ck, '--sample-idx', 99), '--sample-idx 99'),
+             (('--checkpoint', ck, '--mode', 'files', '--xray-ap', tmp_path / 'tall.png', '--xray-lat', good), 'tall.png'),
+             (('--checkpoint', ck, '--mode', 'files', '--xray-ap', tmp_path / 'scan.png', '--xray-lat', good), 'scan.png'),
+             (('--checkpoint', ck, '--mode', 'files', '--xray-ap', good, '--xray-lat', tmp_path / 'rgb.png'), 'rgb.png'),
+             (('--checkpoint', ck, '--mode', 'files', '--xray-ap', good), '--xray-lat')]
+    for args, word in cases:
+        out = tmp_path / 'out'
+        r = cli('infer', *args, '--output-dir', out)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and word in err and len(err.splitlines()) == 1 and 'Traceback' not in err, (args, err)
+        assert not out.exists(), args
+    # a checkpoint whose record describes another model than its weights
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'stage3_best.safetensors').write_bytes((ck / 'stage3_best.safetensors').read_bytes())
+    rec = json.loads((ck / 'stage3_best.json').read_text())
+    rec['model']['stage3_widths'] = [8, 32]
+    (other / 'stage3_best.json').write_text(json.dumps(rec))
+    r = cli('infer', '--checkpoint', other, '--output-dir', tmp_path / 'out')
+    assert r.returncode == 2 and 'another model or configuration' in r.stderr and not (tmp_path / 'out').exists()
