@@ -99,9 +99,10 @@ def reconstruct(
 def reproject(
     model: ProgressiveCascadeModel,   # the cascade (its geometry and field of view)
     volume: torch.Tensor,             # [B, 1, n, n, n] on the [0, 1] scale
-) -> torch.Tensor:                    # [B, V, S, S] radiographs on the network's scale
-    "The DRRs of a volume in the views the model's radiographs were taken in (what the DRR loss compares)."
-    return DRRReprojectionLoss(model.geometry, model.fov_mm).render(volume.float())
+) -> torch.Tensor:                    # [B, V, S, S] radiographs on the network's scale (CPU)
+    "The DRRs of a volume in the views the model's radiographs were taken in (what the DRR loss compares), on the model's device."
+    device = next(model.parameters()).device
+    return DRRReprojectionLoss(model.geometry, model.fov_mm).render(volume.float().to(device)).cpu()
 
 # %% ../nbs/13_inference.ipynb #c256bcf5
 CALIBRATION_KEY = 'progressive_ct:radiograph'   # PNG text chunk: {"scale": "network", "offset": a, "gain": b}

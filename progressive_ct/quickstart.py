@@ -110,7 +110,7 @@ QUICKSTART = {
     "training": {"seed": 0, "warmup_fraction": 0.05,
                  "stage1": {"num_epochs": 12, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 16},
                  "stage2": {"num_epochs": 6, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 32},
-                 "stage3": {"num_epochs": 4, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 64}},
+                 "stage3": {"num_epochs": 12, "batch_size": 1, "learning_rate": 3e-3, "voxel_dim": 64}},
     "loss": {"stage2": {"vgg_weight": 0.0}, "stage3": {"vgg_weight": 0.0}},
     "data": {"dataset_path": "quickstart_out/dataset", "max_patients": 32, "train_split": 0.75, "val_split": 0.125,
              "test_split": 0.125, "num_workers": 2},
