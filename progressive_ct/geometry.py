@@ -11,8 +11,8 @@ import torch
 
 # %% auto #0
 __all__ = ['MU_WATER', 'HU_WINDOW', 'VIEWS', 'PRESETS', 'InputError', 'hu_to_mu', 'mu_to_hu', 'hu_to_unit', 'unit_to_hu',
-           'unit_to_mu', 'View', 'get_view', 'Geometry', 'voxel_centres', 'as_spacing', 'box', 'ellipsoid',
-           'geometry_preset']
+           'unit_to_mu', 'View', 'get_view', 'Geometry', 'voxel_centres', 'as_spacing', 'project_points',
+           'voxel_to_detector', 'fit_to_volume', 'box', 'ellipsoid', 'geometry_preset']
 
 # %% ../nbs/00_geometry.ipynb #8f5bca5a
 class InputError(ValueError):
@@ -182,7 +182,7 @@ def _depth_uv(points, view):
     d, eu = [torch.tensor(a, dtype=points.dtype, device=points.device) for a in (view.direction, view.column_axis)]
     return points @ d, points[..., 0], points @ eu
 
-def _project(geometry, points, view):
+def project_points(geometry, points, view):
     "Detector (row, col) pixel coordinates and magnification of world points `[..., 3]` (z, y, x) mm."
     view = get_view(view)
     t, v, u = _depth_uv(points, view)
@@ -196,13 +196,13 @@ def _project(geometry, points, view):
     return row, col, m
 
 @torch.no_grad()
-def _voxel_to_detector(geometry, shape, spacing, view, dtype=torch.float32, device=None):
+def voxel_to_detector(geometry, shape, spacing, view, dtype=torch.float32, device=None):
     "Normalised (x=col, y=row) grid_sample coordinates of every voxel centre, `[D, H, W, 2]`."
     row, col, _ = geometry.project_points(voxel_centres(shape, spacing, device=device), view)
     h, w = geometry.detector
     return torch.stack([(2 * col + 1) / w - 1, (2 * row + 1) / h - 1], dim=-1).to(dtype)
 
-def _fit_to_volume(geometry, shape, spacing, margin: float = 0.0):
+def fit_to_volume(geometry, shape, spacing, margin: float = 0.0):
     "A copy whose pixel spacing makes the detector just cover the volume's projection in every view."
     sp = as_spacing(spacing)
     half = torch.tensor([n * s / 2 for n, s in zip(shape, sp)], dtype=torch.float64)
@@ -216,9 +216,9 @@ def _fit_to_volume(geometry, shape, spacing, margin: float = 0.0):
         need = max(need, float((row - (h - 1) / 2).abs().max()) * 2 / h, float((col - (w - 1) / 2).abs().max()) * 2 / w)
     return geometry.replace(pixel_spacing=need * (1 + margin))
 
-Geometry.project_points = _project
-Geometry.voxel_to_detector = _voxel_to_detector
-Geometry.fit_to_volume = _fit_to_volume
+Geometry.project_points = project_points
+Geometry.voxel_to_detector = voxel_to_detector
+Geometry.fit_to_volume = fit_to_volume
 
 # %% ../nbs/00_geometry.ipynb #782ca812
 def box(
