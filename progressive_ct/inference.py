@@ -194,6 +194,9 @@ def read_radiograph(
         lo, hi = np.percentile(a, (1.0, 99.0))
         if hi <= lo: raise InputError(f"{path}: a uniform image (1st and 99th percentiles equal): not a radiograph")
         x, how = reference[0] + (a - lo) * (reference[1] - reference[0]) / (hi - lo), 'percentiles matched to the training radiographs'
+    if suffix == '.npy' and (h, w) != (size, size):
+        raise InputError(f"{path}: line integrals on {h}×{w} pixels, but the checkpoint's detector has {size}×{size}: "
+                         "render them with the checkpoint's geometry (model.geometry), as the bring-your-own-CT tutorial does")
     t = torch.from_numpy(np.asarray(x, dtype=np.float32))[None, None]
     if (h, w) != (size, size): t, how = resample_radiographs(t, (size, size)), how + f'; resampled from {h}×{w}'
     return t[0, 0], how

@@ -51,7 +51,7 @@ def evaluate_stages(
                 add(k, 'baseline_psnr', psnr3d(up, target)); add(k, 'baseline_ssim', ssim3d(up, target))
     res = {s: {m: float(np.mean(v)) for m, v in d.items()} | {f'{m}_std': float(np.std(v)) for m, v in d.items()}
            for s, d in acc.items()}
-    res['n'] = len(loader.dataset)
+    res['n'], res['dims'] = len(loader.dataset), list(dims)
     res['data_range'] = 'PSNR: 3D, data range 1 on the [0, 1] scale = HU window -1000..1500 (2500 HU); SSIM: SSIM3D'
     return res
 
@@ -139,7 +139,6 @@ def quickstart(
     model = build_model(cfg, meta)
     load_weights(model, out / 'checkpoints' / 'stage3_best.safetensors')
     res = evaluate_stages(model, resolve_path(cfg.data.dataset_path), 'test')
-    res['dims'] = list(cfg.voxel_dims)
     write_samples(model, resolve_path(cfg.data.dataset_path), out / 'samples')
     res['seconds'] = round(time.perf_counter() - t0, 1)
     res['beats_both_baselines'] = beats_baselines(res)
