@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
