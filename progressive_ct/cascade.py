@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import Geometry, InputError, geometry_preset
-from .encoder import MultiScaleXrayEncoder, check_xray, norm_groups
+from .encoder import MultiScaleXrayEncoder, norm_groups
 
 # %% auto #0
 __all__ = ['CASCADE_TIERS', 'ResBlock3d', 'pointwise', 'ZeroHead', 'fourier_features', 'fourier_positions', 'normalised_coords',

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .geometry import HU_WINDOW, MU_WATER, PRESETS, Geometry, InputError, geometry_preset, hu_to_unit, unit_to_mu
 from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
-from .volumes import HU_PLUS_1024_POLICIES, atomic_write, ingest_ct, ipl_affine
+from .volumes import HU_PLUS_1024_POLICIES, ingest_ct, ipl_affine
 
 # %% auto #0
 __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS',

@@ -3,7 +3,6 @@
 # %% ../nbs/05_encoder.ipynb #51d9d341
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn

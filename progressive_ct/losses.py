@@ -195,7 +195,7 @@ class TriPlanarVGGLoss(nn.Module):
         if pred.shape[1] != 1: raise InputError(f"TriPlanarVGGLoss: expected one-channel volumes, got {pred.shape[1]} channels")
         with _no_autocast(pred.device.type):
             pred, target = _fp32(pred), _fp32(target)
-            total, B = 0.0, pred.shape[0]
+            total = 0.0
             for axis in (2, 3, 4):
                 idx = self.slice_indices(pred.shape[axis]).to(pred.device)
                 cut = lambda v: v.index_select(axis, idx).movedim(axis, 1).reshape(-1, 1, *[s for a, s in enumerate(v.shape) if a not in (0, 1, axis)])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import nibabel as nib
 import torch
-from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from .geometry import InputError, as_spacing
 
