@@ -277,7 +277,9 @@ def run_inference(
     "Reconstruct, score and write: the `progressive-ct infer` command."
     t0 = time.perf_counter()
     if mode not in MODES: raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    try: device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except RuntimeError: raise InputError(f"--device {device!r}: expected cpu, cuda, cuda:N, ...") from None
+    if device.type == 'cuda' and not torch.cuda.is_available(): raise InputError(f"--device {device}: this machine's torch sees no CUDA device")
     model, record = load_checkpoint(checkpoint, device)
     upto, views = record['stage'], [v.name for v in model.geometry.views]
     out = Path(output_dir)
