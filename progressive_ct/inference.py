@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from .metrics import stage_metrics, X2CT_PEAK
 from .train import load_weights
 
 # %% auto #0
-__all__ = ['PICKLED_SUFFIXES', 'CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'METRIC_DEFINITIONS', 'MODES', 'FILES_WARNING',
-           'resolve_checkpoint', 'load_checkpoint', 'reconstruct', 'reproject', 'write_radiograph_png',
+__all__ = ['PICKLED_SUFFIXES', 'CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'DICOM_SUFFIXES', 'METRIC_DEFINITIONS', 'MODES',
+           'FILES_WARNING', 'resolve_checkpoint', 'load_checkpoint', 'reconstruct', 'reproject', 'write_radiograph_png',
            'read_radiograph', 'check_dataset_fits', 'run_inference', 'format_summary', 'add_infer_arguments',
            'infer_command', 'main']
 
@@ -105,6 +106,7 @@ def reproject(
 # %% ../nbs/13_inference.ipynb #c256bcf5
 CALIBRATION_KEY = 'progressive_ct:radiograph'   # PNG text chunk: {"scale": "network", "offset": a, "gain": b}
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff')
+DICOM_SUFFIXES = ('.dcm', '.dicom', '')          # DICOM files often have no suffix
 
 def write_radiograph_png(
     x,        # one radiograph [h, w] on the network's scale (bone bright)
@@ -141,7 +143,13 @@ def _read_pillow(path: Path):
             raise InputError(f"{path}: a colour image (3 channels that differ): expected a grey-level radiograph")
         if a.shape[2] not in (1, 3): raise InputError(f"{path}: {c} channels: expected a grey-level radiograph")
         a = a[..., 0]
-    return a, (json.loads(calibration) if calibration else None)
+    if calibration is None: return a, None
+    try: calibration = json.loads(calibration)
+    except ValueError: calibration = None
+    ok = isinstance(calibration, dict) and calibration.get('scale') == 'network' and all(
+        isinstance(calibration.get(k), (int, float)) and math.isfinite(calibration[k]) for k in ('offset', 'gain'))
+    if not ok: raise InputError(f"{path}: its {CALIBRATION_KEY} text chunk is not a calibration this kit wrote")
+    return a, calibration
 
 def _read_dicom(path: Path):
     import pydicom
@@ -159,7 +167,9 @@ def _read_dicom(path: Path):
 
 def _read_numpy(path: Path):
     try: a = np.load(path, allow_pickle=False)
-    except ValueError: raise InputError(f"{path}: a NumPy file holding Python objects (it would need unpickling): expected a 2D float array") from None
+    except ValueError as e:
+        why = 'a NumPy file holding Python objects (it would need unpickling)' if 'pickle' in str(e) else f'not a readable .npy file ({e})'
+        raise InputError(f"{path}: {why}: expected a 2D float array") from None
     except (OSError, EOFError) as e: raise InputError(f"{path}: not a readable .npy file ({e})") from None
     if not isinstance(a, np.ndarray) or a.dtype.kind not in 'fiu': raise InputError(f"{path}: expected a numeric array, got {getattr(a, 'dtype', type(a))}")
     return np.squeeze(a).astype(np.float64)
@@ -176,16 +186,16 @@ def read_radiograph(
     calibration = None
     if suffix == '.npy': a = _read_numpy(path)
     elif suffix in IMAGE_SUFFIXES: a, calibration = _read_pillow(path)
-    else: a = _read_dicom(path)
+    elif suffix in DICOM_SUFFIXES: a = _read_dicom(path)
+    else: raise InputError(f"{path}: unsupported format {suffix!r}: expected PNG, TIFF, NumPy .npy or DICOM (.dcm, or no suffix)")
     if a.ndim != 2: raise InputError(f"{path}: shape {a.shape}: expected one 2D grey-level radiograph")
     h, w = a.shape
     if min(h, w) < 16: raise InputError(f"{path}: {h}×{w} pixels: too small for a radiograph")
-    if abs(h / w - 1) > 0.01: raise InputError(f"{path}: {h}×{w} pixels: the detector is square ({size}×{size}); crop the radiograph to a square first")
+    if h != w: raise InputError(f"{path}: {h}×{w} pixels: the detector is square ({size}×{size}); crop the radiograph to a square first")
     if not np.isfinite(a).all(): raise InputError(f"{path}: NaN or infinite pixels")
     if suffix == '.npy':
         x, how = normalize_radiograph(a), 'line integrals (NumPy), normalised'
     elif calibration is not None:
-        if calibration.get('scale') != 'network': raise InputError(f"{path}: unknown calibration {calibration!r}")
         x, how = calibration['offset'] + calibration['gain'] * a, "the kit's own PNG calibration (exact up to 16-bit steps)"
     else:
         if reference is None: raise InputError(f"{path}: an image of unknown scale, and the checkpoint holds no radiograph reference to calibrate it")
@@ -279,7 +289,10 @@ def run_inference(
     if mode not in MODES: raise InputError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     try: device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError: raise InputError(f"--device {device!r}: expected cpu, cuda, cuda:N, ...") from None
+    if device.type not in ('cpu', 'cuda'): raise InputError(f"--device {device}: expected cpu, cuda or cuda:N")
     if device.type == 'cuda' and not torch.cuda.is_available(): raise InputError(f"--device {device}: this machine's torch sees no CUDA device")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     model, record = load_checkpoint(checkpoint, device)
     upto, views = record['stage'], [v.name for v in model.geometry.views]
     out = Path(output_dir)
