@@ -21,7 +21,7 @@ from .dataset import CTDataset, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import DRRReprojectionLoss, resample_radiographs
 from .metrics import stage_metrics, X2CT_PEAK
-from .train import load_weights
+from .train import command_main, load_weights
 
 # %% auto #0
 __all__ = ['PICKLED_SUFFIXES', 'CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'DICOM_SUFFIXES', 'METRIC_DEFINITIONS', 'MODES',
@@ -396,14 +396,8 @@ def infer_command(args):
 
 def main(argv=None) -> int:
     "`python -m progressive_ct.inference ...`: the `infer` command on its own."
-    class P(argparse.ArgumentParser):
-        def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
-    args = add_infer_arguments(P(prog='python -m progressive_ct.inference', description='Reconstruct and evaluate with a trained cascade.')).parse_args(argv)
-    try: infer_command(args)
-    except InputError as e:
-        print(f"infer: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return command_main('progressive_ct.inference', 'Reconstruct and evaluate with a trained cascade.',
+                        add_infer_arguments, infer_command, argv)
 
 # %% ../nbs/13_inference.ipynb #c78113f5
 #| eval: false

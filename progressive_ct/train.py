@@ -30,7 +30,7 @@ from .config import Config, load_config, resolve_path
 # %% auto #0
 __all__ = ['ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader', 'build_model', 'save_weights', 'load_weights',
            'load_stage_weights', 'validate', 'MetricLog', 'train', 'add_train_arguments', 'parse_stages',
-           'run_training', 'main']
+           'run_training', 'command_main', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -384,16 +384,26 @@ def run_training(args) -> dict:
     cfg = load_config(args.config)
     return train(cfg, parse_stages(args.stages), resume=args.resume, cpu=args.cpu, progress_bar=not args.no_progress)
 
-def main(argv=None) -> int:
-    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--resume]`; exit 2 on bad input."
+def command_main(
+    prog: str,            # the command's name in messages
+    description: str,     # its help text
+    add_arguments,        # adds the command's flags to a parser and returns it
+    run,                  # run(args): the command
+    argv=None,            # arguments (default: sys.argv[1:])
+) -> int:                 # exit code: 0, or 2 on bad input
+    "A `python -m` entry point: argparse and `InputError` both end in one line on stderr and exit code 2."
     class OneLine(argparse.ArgumentParser):
         def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
-    args = add_train_arguments(OneLine(prog='progressive_ct.train', description='Train the progressive cascade.')).parse_args(argv)
-    try: run_training(args)
+    args = add_arguments(OneLine(prog=prog, description=description)).parse_args(argv)
+    try: run(args)
     except InputError as e:
-        print(f"progressive_ct.train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+def main(argv=None) -> int:
+    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--resume]`; exit 2 on bad input."
+    return command_main('progressive_ct.train', 'Train the progressive cascade.', add_train_arguments, run_training, argv)
 
 # %% ../nbs/10_train.ipynb #292b3f10
 #| eval: false
