@@ -7,7 +7,10 @@ import argparse
 import csv
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -323,7 +326,29 @@ def run_inference(
             indices = list(range(min(num_samples, len(ds))))
             if num_samples > len(ds): log(f"the {split} split has {len(ds)} patients: scoring all of them")
         items = (ds[i] for i in indices)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix='.partial-', dir=out))   # the run is written here, then moved into place
+    try:
+        summary = _run_items(model, items, upto, views, staging, out, save_nifti, log)
+    except BaseException:                               # an error or an interrupt part-way: leave `out` as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        if created: shutil.rmtree(out, ignore_errors=True)
+        raise
+    summary = {'mode': mode, 'checkpoint': record['file'], 'stages': upto, 'dataset': str(data_path) if data_path else None,
+               'split': split if mode != 'files' else None, 'device': str(device)} | summary
+    if mode == 'files': summary['warning'] = FILES_WARNING
+    summary['seconds'] = round(time.perf_counter() - t0, 2)
+    atomic_write(staging / 'summary.json', lambda t: Path(t).write_text(json.dumps(summary, indent=2)))
+    replaced = _move_run_into_place(staging, out)
+    if replaced: log(f"replaced the earlier run in {out}: {', '.join(replaced)}")
+    if summary['metrics']: log(format_summary(summary))
+    log(f"wrote {out / 'summary.json'}" + (f", {out / 'metrics.csv'}" if summary['metrics'] else '')
+        + f" and {summary['n']} patient folder(s)")
+    return summary
+
+def _run_items(model, items, upto, views, staging, out, save_nifti, log) -> dict:
+    "Reconstruct, score and write every patient into `staging`; the summary's per-run part."
     rows, written, seconds = [], [], []
     for item in items:
         xray = item['xray']
@@ -332,7 +357,8 @@ def run_inference(
         seconds.append(time.perf_counter() - t1)
         name = _safe_name(item['patient_id'])
         gt = item['ct'][None] if item['ct'] is not None else None
-        written.append(str(_write_patient(model, out, name, xray[:, 0], volumes, gt, save_nifti, model.fov_mm, views, name)))
+        _write_patient(model, staging, name, xray[:, 0], volumes, gt, save_nifti, model.fov_mm, views, name)
+        written.append(str(out / name))
         if gt is not None:
             m = stage_metrics(volumes, gt.float())
             for s, grids in m.items():
@@ -349,17 +375,25 @@ def run_inference(
         def write_csv(t):
             with open(t, 'w', newline='') as fh:
                 w = csv.DictWriter(fh, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
-        atomic_write(out / 'metrics.csv', write_csv)
-    summary = {'mode': mode, 'checkpoint': record['file'], 'stages': upto, 'dataset': str(data_path) if data_path else None,
-               'split': split if mode != 'files' else None, 'n': len(written), 'device': str(device),
-               'seconds_per_volume': float(np.mean(seconds)), 'metrics': _summarise(rows), 'definitions': METRIC_DEFINITIONS,
-               'outputs': written}
-    if mode == 'files': summary['warning'] = FILES_WARNING
-    summary['seconds'] = round(time.perf_counter() - t0, 2)
-    atomic_write(out / 'summary.json', lambda t: Path(t).write_text(json.dumps(summary, indent=2)))
-    if rows: log(format_summary(summary))
-    log(f"wrote {out / 'summary.json'}" + (f", {out / 'metrics.csv'}" if rows else '') + f" and {len(written)} patient folder(s)")
-    return summary
+        atomic_write(staging / 'metrics.csv', write_csv)
+    return {'n': len(written), 'seconds_per_volume': float(np.mean(seconds)), 'metrics': _summarise(rows),
+            'definitions': METRIC_DEFINITIONS, 'outputs': written}
+
+def _move_run_into_place(staging: Path, out: Path) -> list:
+    """Move a finished run from `staging` into `out`, replacing the earlier run there, if any.
+
+    The earlier run is what its summary.json lists (patient folders) plus metrics.csv and summary.json; other files
+    in `out` are left alone. summary.json moves last, so its presence marks a complete run. Returns what was replaced."""
+    stale = set()
+    try: stale = {Path(p).name for p in json.loads((out / 'summary.json').read_text()).get('outputs', [])}
+    except (OSError, ValueError, AttributeError): pass
+    stale = {n for n in stale | {'metrics.csv', 'summary.json'} if n and not n.startswith('.') and (out / n).exists()}
+    new = sorted((p.name for p in staging.iterdir()), key=lambda n: n == 'summary.json')
+    trash = Path(tempfile.mkdtemp(prefix='.replaced-', dir=out))
+    for n in stale | {n for n in new if (out / n).exists()}: os.replace(out / n, trash / n)
+    for n in new: os.replace(staging / n, out / n)
+    shutil.rmtree(trash); staging.rmdir()
+    return sorted(stale)
 
 def format_summary(summary: dict) -> str:
     "The summary's metrics as a text table: both families, native and full grid."
