@@ -385,9 +385,11 @@ def _move_run_into_place(staging: Path, out: Path) -> list:
     The earlier run is what its summary.json lists (patient folders) plus metrics.csv and summary.json; other files
     in `out` are left alone. summary.json moves last, so its presence marks a complete run. Returns what was replaced."""
     stale = set()
-    try: stale = {Path(p).name for p in json.loads((out / 'summary.json').read_text()).get('outputs', [])}
-    except (OSError, ValueError, AttributeError): pass
-    stale = {n for n in stale | {'metrics.csv', 'summary.json'} if n and not n.startswith('.') and (out / n).exists()}
+    if (out / 'summary.json').is_file():                # an earlier run
+        try: listed = json.loads((out / 'summary.json').read_text()).get('outputs', [])
+        except (OSError, ValueError, AttributeError): listed = []
+        stale = {Path(p).name for p in listed if isinstance(p, str)} | {'metrics.csv', 'summary.json'}
+    stale = {n for n in stale if n and not n.startswith('.') and (out / n).exists()}
     new = sorted((p.name for p in staging.iterdir()), key=lambda n: n == 'summary.json')
     trash = Path(tempfile.mkdtemp(prefix='.replaced-', dir=out))
     for n in stale | {n for n in new if (out / n).exists()}: os.replace(out / n, trash / n)
