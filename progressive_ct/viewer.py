@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patheffects import withStroke
 
-from .geometry import HU_WINDOW, InputError, unit_to_hu
+from .geometry import HU_WINDOW, InputError, get_view, hu_to_unit, unit_to_hu
 from .drr import RADIOGRAPH_WET_MM
 from .cascade import resize_volume
 from .losses import resample_radiographs
@@ -54,16 +54,24 @@ def apply_window(
 ) -> np.ndarray:            # float32 in [0, 1], same shape
     "Display values: 0 (black) at level − width/2 HU, 1 (white) at level + width/2, linear in between, clipped."
     level, width = get_window(window)
-    hu = unit_to_hu(_numpy(x), hu_window)
-    return np.clip((hu - (level - width / 2)) / width, 0.0, 1.0).astype(np.float32)
+    return hu_to_unit(unit_to_hu(_numpy(x), hu_window), (level - width / 2, level + width / 2)).astype(np.float32)
 
 # %% ../nbs/12_viewer.ipynb #651c0c5b
 PLANES = {'axial': 0, 'coronal': 1, 'sagittal': 2}   # plane -> the volume axis it cuts across (D, H, W)
 
 _MARKERS = {                                          # (top, bottom, left, right) edge of the displayed slice
     'axial': ('A', 'P', 'R', 'L'), 'coronal': ('S', 'I', 'R', 'L'), 'sagittal': ('S', 'I', 'A', 'P'),
-    'ap': ('S', 'I', 'R', 'L'), 'lateral': ('S', 'I', 'A', 'P'),
 }
+
+def _radiograph_markers(view) -> tuple | None:
+    "(top, bottom, left, right) letters of a radiograph: row 0 superior, columns along the view's `column_axis`."
+    try: axis = get_view(view).column_axis           # (z, y, x): +y posterior, +x the patient's left
+    except InputError: return None                   # not a view the geometry knows: no letters
+    parts = []                                       # (weight, letter on the right, letter on the left), main axis first
+    for c, plus, minus in ((axis[1], 'P', 'A'), (axis[2], 'L', 'R')):
+        if abs(c) > math.sin(math.radians(22.5)): parts.append((abs(c), plus, minus) if c > 0 else (abs(c), minus, plus))
+    parts.sort(reverse=True)
+    return ('S', 'I', ''.join(left for _, _, left in parts), ''.join(right for _, right, _ in parts))
 
 def _plane_axis(plane) -> int:
     key = str(plane).strip().lower()
@@ -132,9 +140,9 @@ def _show(ax, img, **kw):
     ax.set_xticks([]); ax.set_yticks([])
     return im
 
-def _mark(ax, plane):
-    "Orientation letters on the four edges of a panel."
-    top, bottom, left, right = _MARKERS[plane]
+def _mark(ax, letters):
+    "Orientation letters (top, bottom, left, right) on the four edges of a panel."
+    top, bottom, left, right = letters
     for s, x, y, ha, va in [(top, 0.5, 0.98, 'center', 'top'), (bottom, 0.5, 0.02, 'center', 'bottom'),
                             (left, 0.02, 0.5, 'left', 'center'), (right, 0.98, 0.5, 'right', 'center')]:
         ax.text(x, y, s, transform=ax.transAxes, ha=ha, va=va, color='gold', fontsize=7, fontweight='bold',
@@ -165,7 +173,7 @@ def _draw_triplanar(fig, vols, window, error_of, fractions, error_max_hu):
             im = _show(axes[r, -1], plane_slice(err, plane, slice_index(err.shape[r], fractions[r])),
                        cmap='inferno', vmin=0.0, vmax=error_max_hu)
         axes[r, 0].set_ylabel(plane, fontsize=8)
-        _mark(axes[r, 0], plane)
+        _mark(axes[r, 0], _MARKERS[plane])
     if err is not None:
         axes[0, -1].set_title(f"|{pair[0]} − {pair[1]}|", fontsize=8)
         fig.colorbar(im, ax=list(axes[:, -1]), shrink=0.8, label='|error| (HU)')
@@ -217,7 +225,8 @@ def _draw_projection(fig, xray, drrs, views, diff_max, wet_mm):
             _show(axes[v, 1 + 2 * k], drrs[name][v], cmap='gray', vmin=0.0, vmax=vmax)
             im = _show(axes[v, 2 + 2 * k], diffs[name][v], cmap='RdBu_r', vmin=-diff_max, vmax=diff_max)
         axes[v, 0].set_ylabel(views[v], fontsize=8)
-        if views[v] in _MARKERS: _mark(axes[v, 0], views[v])
+        letters = _radiograph_markers(views[v])
+        if letters: _mark(axes[v, 0], letters)
     axes[0, 0].set_title(f"input ({_grid(xray.shape[-2:])})", fontsize=8)
     for k, name in enumerate(drrs):
         axes[0, 1 + 2 * k].set_title(f"DRR {name}", fontsize=8)
@@ -271,13 +280,12 @@ def sample_figure(
     "Tri-planar slices with the error map, and below them the radiographs beside the DRRs: one figure per sample."
     vols = _volumes(volumes)
     fractions = _check_fractions(fractions)
-    ncol = len(vols) + (_error_pair(vols, error_of) is not None)
     label = _window_label(window)
+    label = f"{title} · {label}" if title else label
     if xray is None:
         if drrs: raise InputError("sample figure: DRRs were given without the input radiographs to compare them with")
-        fig = triplanar_figure(vols, window, error_of, fractions, error_max_hu, panel_size)
-        fig.suptitle(f"{title} · {label}" if title else label, fontsize=9)
-        return fig
+        return triplanar_figure(vols, window, error_of, fractions, error_max_hu, panel_size, title=label)
+    ncol = len(vols) + (_error_pair(vols, error_of) is not None)
     x = _radiographs(xray, 'input radiographs')
     d = _check_drrs(x, drrs)
     V = x.shape[0]
@@ -286,7 +294,7 @@ def sample_figure(
     top, bottom = fig.subfigures(2, 1, height_ratios=[3, V])
     _draw_triplanar(top, vols, window, error_of, fractions, error_max_hu)
     _draw_projection(bottom, x, d, views, diff_max, RADIOGRAPH_WET_MM)
-    fig.suptitle(f"{title} · {label}" if title else label, fontsize=9)
+    fig.suptitle(label, fontsize=9)
     return fig
 
 def figure_png(
@@ -314,8 +322,7 @@ class SliceViewer:
         import ipywidgets as W
         self.volumes = _volumes(volumes)
         if self.ERROR in self.volumes: raise InputError(f"slice viewer: {self.ERROR!r} is the error panel's name, rename that volume")
-        get_window(window)
-        if window not in WINDOWS: raise InputError(f"slice viewer: window {window!r}, expected one of {', '.join(WINDOWS)}")
+        if not isinstance(window, str) or window not in WINDOWS: raise InputError(f"slice viewer: window {window!r}, expected one of {', '.join(WINDOWS)}")
         self.pair = _error_pair(self.volumes, error_of)
         self.errors = error_hu(self.volumes[self.pair[0]], self.volumes[self.pair[1]]) if self.pair else None
         self.reference = self.pair[1] if self.pair else next(iter(self.volumes))
@@ -373,7 +380,7 @@ class SliceViewer:
                     i = slice_index(v.shape[a], f)
                     _show(ax, apply_window(plane_slice(v, plane, i), self.window.value), cmap='gray', vmin=0.0, vmax=1.0)
                     ax.set_title(f"{name}  {i + 1}/{v.shape[a]}", fontsize=9)
-            _mark(axes[0], plane)
+            _mark(axes[0], _MARKERS[plane])
         self.fig.suptitle(f"{plane} · {_window_label(self.window.value)}", fontsize=9)
         self.image.value = figure_png(self.fig, self.dpi)
 
