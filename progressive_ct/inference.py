@@ -180,7 +180,8 @@ def _read_numpy(path: Path):
 def read_radiograph(
     path,                       # PNG, TIFF, NumPy .npy or DICOM file of one radiograph
     size: int,                  # S: the detector's pixels per side (the model's xray_img_size)
-    reference=None,             # [low, high]: the training radiographs' mean 1st and 99th percentiles for this view
+    reference=None,             # [low, high]: the training radiographs' mean values at `percentiles` for this view
+    percentiles=(1.0, 99.0),    # the percentiles `reference` holds (the checkpoint records them)
 ) -> tuple:                     # (radiograph [S, S] float32 on the network's scale, how it was calibrated)
     "Read one radiograph file and bring it to the network's scale (see the steps above)."
     path = Path(path)
@@ -202,8 +203,8 @@ def read_radiograph(
         x, how = calibration['offset'] + calibration['gain'] * a, "the kit's own PNG calibration (exact up to 16-bit steps)"
     else:
         if reference is None: raise InputError(f"{path}: an image of unknown scale, and the checkpoint holds no radiograph reference to calibrate it")
-        lo, hi = np.percentile(a, (1.0, 99.0))
-        if hi <= lo: raise InputError(f"{path}: a uniform image (1st and 99th percentiles equal): not a radiograph")
+        lo, hi = np.percentile(a, percentiles)
+        if hi <= lo: raise InputError(f"{path}: a uniform image (its {percentiles[0]:g}th and {percentiles[1]:g}th percentiles are equal): not a radiograph")
         x, how = reference[0] + (a - lo) * (reference[1] - reference[0]) / (hi - lo), 'percentiles matched to the training radiographs'
     if suffix == '.npy' and (h, w) != (size, size):
         raise InputError(f"{path}: line integrals on {h}×{w} pixels, but the checkpoint's detector has {size}×{size}: "
@@ -306,7 +307,7 @@ def run_inference(
         if views != ['ap', 'lateral']: raise InputError(f"the checkpoint's views are {views}: --mode files reads exactly an AP and a lateral radiograph")
         ref = record.get('radiograph_reference') or {}
         S = model.encoder.xray_img_size
-        pairs = [read_radiograph(f, S, ref.get(v)) for f, v in ((xray_ap, 'ap'), (xray_lat, 'lateral'))]
+        pairs = [read_radiograph(f, S, ref.get(v), ref.get('percentiles', (1.0, 99.0))) for f, v in ((xray_ap, 'ap'), (xray_lat, 'lateral'))]
         for (f, (_, how)) in zip((xray_ap, xray_lat), pairs): log(f"{f}: {how}")
         log(f"warning: {FILES_WARNING}")
         items = [{'xray': torch.stack([p[0] for p in pairs])[:, None], 'ct': None, 'patient_id': Path(xray_ap).stem}]
@@ -361,12 +362,12 @@ def _run_items(model, items, upto, views, staging, out, save_nifti, log) -> dict
         written.append(str(out / name))
         if gt is not None:
             m = stage_metrics(volumes, gt.float())
-            for s, grids in m.items():
+            for k, (s, grids) in enumerate(m.items(), 1):
                 for grid, values in grids.items():
-                    rows.append({'patient_id': item['patient_id'], 'stage': int(s[5:]), 'grid': grid,
-                                 'voxels': volumes[int(s[5:]) - 1].shape[-1] if grid == 'native' else gt.shape[-1],
-                                 **{k: float(v[0]) for k, v in values.items()}})
-            last = [r for r in rows if r['patient_id'] == item['patient_id'] and r['stage'] == upto and r['grid'] == 'native'][0]
+                    rows.append({'patient_id': item['patient_id'], 'stage': k, 'grid': grid,
+                                 'voxels': volumes[k - 1].shape[-1] if grid == 'native' else gt.shape[-1],
+                                 **{key: float(v[0]) for key, v in values.items()}})
+            last = {key: float(v[0]) for key, v in m[f'stage{upto}']['native'].items()}
             log(f"{item['patient_id']}: stage {upto} PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.3f}, MAE {last['mae_hu']:.0f} HU "
                 f"({seconds[-1]:.2f} s)")
         else:
