@@ -6,13 +6,13 @@
     python .ci/render_docs.py --out DIR --proc DIR -j 2
     python .ci/render_docs.py --nbs DIR x.ipynb            # notebooks from another folder (tests)
 
-Step 1 is what `nbdev_docs` (nbdev 2.4.14) does before it hands over to Quarto (`_pre_docs`): refresh
-nbs/nbdev.yml from settings.ini (and write nbs/_quarto.yml if missing), regenerate sidebar.yml unless
-`custom_sidebar = True`, then process each notebook with nbdev's `FilterDefaults` into `_proc/`: front
+Step 1 is what `nbdev_docs` (nbdev 2.4.14) does before it hands over to Quarto (`_pre_docs`): regenerate
+sidebar.yml unless `custom_sidebar = True`, then process each notebook with nbdev's `FilterDefaults` into `_proc/`: front
 matter, show_doc cells added after exported definitions and executed, exported and hidden cells removed,
 symbol names linked. It reuses nbdev's functions for each step, per notebook, so that a failure names its
-notebook. Two steps are left out: installing Quarto, and rewriting `progressive_ct/_modidx.py` (nbdev_export
-writes the same index, and CI checks that nbdev_export changes nothing); a stale index is reported instead.
+notebook. Three steps are left out, so that the build writes no tracked file: installing Quarto, rewriting nbs/nbdev.yml
+from settings.ini (tests/test_docs.py checks it is already that), and rewriting `progressive_ct/_modidx.py`
+(nbdev_export writes the same index, and CI checks that nbdev_export changes nothing); a stale file is reported.
 
 Step 2 stands in for `quarto render`: every processed notebook becomes a page with nbconvert's HTMLExporter,
 honouring the Quarto cell options nbdev relies on (`echo`, `output`, `include`), with the page title and
@@ -59,12 +59,24 @@ OPTION = re.compile(r'^\s*#\|\s?(.*)$')
 
 # ---------------------------------------------------------------------------------------------------- step 1
 def refresh_config(nbs):
-    "The configuration steps of nbdev's `_pre_docs`, except installing Quarto and writing `_modidx.py`."
-    from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
-    refresh_quarto_yml()                              # nbs/nbdev.yml from settings.ini; nbs/_quarto.yml if missing
+    "The configuration steps of nbdev's `_pre_docs` as checks: nothing tracked is written (nbdev_docs writes them)."
+    from nbdev.quarto import nbdev_sidebar
     nbdev_sidebar.__wrapped__(path=nbs)               # a no-op while settings.ini has custom_sidebar = True
-    stale = modidx_stale()
-    if stale: print(f'WARNING: {stale}')
+    for stale in (nbdev_yml_stale(), modidx_stale()):
+        if stale: print(f'WARNING: {stale}')
+
+
+def nbdev_yml_stale():
+    "Say if nbs/nbdev.yml is not what nbdev_docs would write from settings.ini (Quarto reads it; this build does not)."
+    from nbdev.config import get_config
+    from nbdev.quarto import _nbdev_yml
+    cfg = get_config()
+    vals = {k: cfg[k] for k in ['title', 'description', 'branch', 'git_url', 'doc_host', 'doc_baseurl']}
+    vals['doc_path'] = cfg.doc_path.name
+    path = Path(cfg.nbs_path) / 'nbdev.yml'
+    if not path.exists() or path.read_text(encoding='utf-8') != _nbdev_yml.format(**vals):
+        return f'{path.resolve().relative_to(ROOT)} is not what nbdev_docs writes from settings.ini'
+    return None
 
 
 def modidx_stale():

@@ -195,7 +195,7 @@ def test_api_page_shows_show_doc(chrome, site):
     assert re.search(r'<h3[^>]*id="render_drr"[^>]*>\s*render_drr', dom)
     text = visible_text(dom)
     sig = text[text.index('def render_drr('):]
-    sig = sig[:sig.index('):') + 2] if '):' in sig else sig[:sig.index(')->') + 3]
+    sig = sig[:min(i for i in (sig.find(')->'), sig.find('):')) if i >= 0) + 1]   # up to the signature's closing parenthesis
     for name in inspect.signature(render_drr).parameters:
         assert re.search(rf'\b{name}\s*[:=,)]', sig), f'parameter {name} missing from the rendered signature'
     assert '# linear attenuation' in sig, 'the per-parameter comments (nbdev docments) are shown'
