@@ -1,13 +1,15 @@
 """Peak memory and time of one stage-3 training step, with and without gradient checkpointing.
 
-    python benchmarks/memory.py [--grids 128 192 256] [--batch 1 2] [--device cpu|cuda] [--limit-gb 20] [--all-stages]
+    python benchmarks/memory.py [--grids 128 192 256] [--batch 1 2] [--crop 128] [--device cpu|cuda] [--limit-gb 20] [--all-stages]
     python benchmarks/memory.py --table-only      # print the table of benchmarks/results/memory.json again
 
 One step = the cascade's forward up to stage 3 (stages 1 and 2 frozen, as `set_stage(3)` leaves them), `Stage3Loss`
 (L1, SSIM, tri-planar VGG, gradient, DRR; VGG with random weights if torchvision's file is not cached: the cost is the
 same), backward, AdamW step. Full-tier widths and 512² radiographs; stages 1 and 2 at 64³ and 128³; stage 3 at each of
 `--grids` (256 is the full tier; 192 and 320 are the seed's alternatives), batch 1 and 2, each with and without
-checkpointing. Goals at 256³: with checkpointing at most half the memory without it; batch 2 under 20 GB.
+checkpointing. Stage 3 trains on a `--crop`³ sub-volume of its grid (default 128, `training.stage3.crop_size` of
+`configs/config_progressive.json`; 0: the whole grid), as the trainer does; the DRR term renders the crop pasted into
+the upsampled stage-2 volume. Goals at 256³: with checkpointing at most half the memory without it; batch 2 under 20 GB.
 
 How memory is measured:
 - CUDA: `torch.cuda.max_memory_allocated` over the step (after a warm-up step), minus what was allocated before it.
@@ -54,7 +56,7 @@ def _mem_available():
 def step(args):
     "One configuration, in this process: prints one JSON line."
     import warnings
-    from progressive_ct.cascade import ProgressiveCascadeModel
+    from progressive_ct.cascade import ProgressiveCascadeModel, crop_slices, paste_crop, resize_volume
     from progressive_ct.losses import Stage3Loss
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -68,18 +70,23 @@ def step(args):
         loss_fn = Stage3Loss(geometry=model.geometry, fov_mm=model.fov_mm, allow_random_weights=True, vgg_download=False).to(dev)
     S, N, B = model.encoder.xray_img_size, model.voxel_dims[-1], args.batch
     xray = 0.5 * torch.rand(B, 2, 1, S, S, device=dev)
-    target = torch.rand(B, 1, N, N, N, device=dev)
+    c = args.crop if 0 < args.crop < N else N
+    crop = (((N - c) // 4 * 2),) * 3 + (c,) if c < N else None     # the centre sub-volume, even offsets
+    target = torch.rand(B, 1, c, c, c, device=dev)
     for s in model.stages: s.lifter.grid(dev)                      # the cached projection grids are part of the model
     out = dict(batch=B, checkpointing=bool(args.checkpointing), device=args.device, tier=args.tier,
-               voxel_dims=list(model.voxel_dims), xray=S, vgg_pretrained=bool(loss_fn.vgg.pretrained))
+               voxel_dims=list(model.voxel_dims), xray=S, crop=c, vgg_pretrained=bool(loss_fn.vgg.pretrained))
     for k in stages:
         model.set_stage(k).train()
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
 
         def one_step():
             opt.zero_grad(set_to_none=True)
-            vol = model(xray, upto=k)[-1]
-            loss = loss_fn(vol, target, xray)[0] if k == 3 else vol.float().mean()
+            vols = model(xray, upto=k, crop=crop if k == 3 else None)
+            if k == 3:
+                full = paste_crop(resize_volume(vols[-2].detach().float(), N), vols[-1], crop) if crop else None
+                loss = loss_fn(vols[-1], target, xray, full=full)[0]
+            else: loss = vols[-1].float().mean()
             loss.backward()
             opt.step()
             return float(loss)
@@ -105,7 +112,7 @@ def step(args):
 def run_child(args, batch, ckpt, limit_gb):
     "Run one configuration in a fresh interpreter; kill it if its RSS passes limit_gb."
     cmd = [sys.executable, __file__, '--child', '--batch', str(batch), '--checkpointing', str(int(ckpt)),
-           '--tier', args.tier, '--device', args.device] + (['--all-stages'] if args.all_stages else [])
+           '--tier', args.tier, '--device', args.device, '--crop', str(args.crop)] + (['--all-stages'] if args.all_stages else [])
     if args.voxel_dims: cmd += ['--voxel-dims', *map(str, args.voxel_dims)]
     if args.xray: cmd += ['--xray', str(args.xray)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -135,6 +142,7 @@ def main():
     ap.add_argument('--limit-gb', type=float, default=None)
     ap.add_argument('--voxel-dims', type=int, nargs=3, default=None)
     ap.add_argument('--xray', type=int, default=None)
+    ap.add_argument('--crop', type=int, default=128, help="stage 3 trains on a crop³ sub-volume (0: the whole grid)")
     ap.add_argument('--all-stages', action='store_true')
     ap.add_argument('--checkpointing', type=int, default=1)
     ap.add_argument('--child', action='store_true')
@@ -150,7 +158,7 @@ def main():
         args.grids = sorted({r['voxel_dims'][-1] for r in rows}); args.batch = sorted({r['batch'] for r in rows})
         return report(args, rows)
     from progressive_ct.cascade import CASCADE_TIERS
-    base_dims = tuple(CASCADE_TIERS[args.tier]['voxel_dims'])
+    base_dims = CASCADE_TIERS[args.tier].dims
     rows = []
     for grid in sorted(args.grids):
         for batch in args.batch:

@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(config, stage, steps, device):
     from progressive_ct.config import load_config
-    from progressive_ct.cascade import ProgressiveCascadeModel
+    from progressive_ct.cascade import ProgressiveCascadeModel, paste_crop, random_crop, resize_volume
     from progressive_ct.geometry import geometry_preset
     from progressive_ct.losses import STAGE_LOSSES
     cfg = load_config(config)
     torch.manual_seed(0)
     dims, S, fov = cfg.voxel_dims, cfg.model.xray_img_size, cfg.data.fov_mm
     g = geometry_preset(cfg.data.geometry, detector=S).fit_to_volume((cfg.data.resolution,) * 3, fov / cfg.data.resolution)
-    model = ProgressiveCascadeModel(**cfg.model_kwargs(), geometry=g, fov_mm=fov).to(device)
+    model = ProgressiveCascadeModel(cfg.model_config(), g, fov).to(device)
     model.set_stage(stage)
     w = cfg.stage_loss(stage)
     loss_fn = STAGE_LOSSES[stage](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight, geometry=g, fov_mm=fov,
@@ -40,19 +40,23 @@ def child(config, stage, steps, device):
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     B, n = cfg.stage(stage).batch_size, dims[stage - 1]
     xray = torch.rand(B, 2, 1, S, S, device=device) * 0.5
-    ct = torch.rand(B, 1, n, n, n, device=device)
+    c = cfg.stage(stage).crop_size or n                  # a refiner trains on crop_size³ sub-volumes, as the trainer does
+    ct = torch.rand(B, 1, c, c, c, device=device)
+    gen = torch.Generator().manual_seed(0)
     times = []
     for i in range(steps + 1):
         if device == 'cuda': torch.cuda.synchronize()
         t0 = time.perf_counter()
-        pred = model(xray, upto=stage)[-1]
-        loss, _ = loss_fn(pred, ct, xray)
+        crop = random_crop(n, c, gen) if c < n else None
+        vols = model(xray, upto=stage, crop=crop)
+        full = paste_crop(resize_volume(vols[-2].detach().float(), n), vols[-1], crop) if crop and loss_fn.drr is not None else None
+        loss, _ = loss_fn(vols[-1], ct, xray, full=full)
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         if device == 'cuda': torch.cuda.synchronize()
         if i: times.append(time.perf_counter() - t0)          # the first step warms up
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({'stage': stage, 'grid': n, 'xray': S, 'batch_size': B, 'step_s_median': round(med, 4),
+    print(json.dumps({'stage': stage, 'grid': n, 'crop': c, 'xray': S, 'batch_size': B, 'step_s_median': round(med, 4),
                       'samples_per_s': round(B / med, 3), 'peak_memory_mb': round(peak, 1),
                       'peak_memory_kind': 'cuda max allocated' if device == 'cuda' else 'process peak RSS',
                       'trainable_parameters': sum(p.numel() for p in model.trainable_parameters())}))

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
+import typing
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -12,30 +16,110 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import Geometry, InputError, geometry_preset
-from .encoder import MultiScaleXrayEncoder, norm_groups
+from .encoder import MultiScaleXrayEncoder, encoder_widths, norm_groups
 
 # %% auto #0
-__all__ = ['CASCADE_TIERS', 'ResBlock3d', 'pointwise', 'ZeroHead', 'fourier_features', 'fourier_positions', 'normalised_coords',
-           'VoxelQuery', 'CrossViewAttention', 'sample_views', 'FeatureLifter', 'TransformerBlock', 'Stage1Base64',
-           'resize_volume', 'stage_targets', 'default_geometry', 'VolumeRefiner', 'Stage2Refiner128',
-           'Stage3Refiner256', 'ProgressiveCascadeModel']
+__all__ = ['CASCADE_TIERS', 'ModelConfig', 'VoxelNorm', 'norm3d', 'ResBlock3d', 'pointwise', 'ZeroHead', 'fourier_positions',
+           'normalised_coords', 'crop_slices', 'random_crop', 'paste_crop', 'sample_views', 'FeatureLifter',
+           'TransformerBlock', 'Stage1Base64', 'resize_volume', 'stage_targets', 'default_geometry', 'VolumeRefiner',
+           'Stage2Refiner128', 'Stage3Refiner256', 'ProgressiveCascadeModel']
+
+# %% ../nbs/06_cascade.ipynb #cdda6e11
+@dataclass
+class ModelConfig:
+    "The cascade's architecture: the config's `model` section. Tiers, configs and the stage modules all read it; nothing restates it."
+    xray_img_size: int = 512                 # S: radiographs are S×S; the encoder's pyramid is S, S/2, S/4
+    xray_feature_dim: int = 64               # encoder channels at S/4, the level stage 1 reads
+    encoder_widths: typing.Optional[tuple] = None # encoder channels at (S, S/2, S/4); default (dim/4, dim/2, dim)
+    context_levels: int = 2                  # encoder halvings below S/4 (receptive field)
+    voxel_dims: tuple = (64, 128, 256)       # output grid of stages 1, 2, 3 (a config file sets them as training.stageK.voxel_dim)
+    voxel_dim: typing.Optional[int] = None   # the seed's final resolution (192, 256, 320): replaces voxel_dims[2]
+    lift_dims: tuple = (32, 16, 8)           # channels each view's features are lifted to, stages 1, 2, 3
+    depth: int = 4                           # stage 1 transformer blocks
+    heads: int = 8                           # stage 1 attention heads
+    stage1_widths: tuple = (32, 64, 128)     # stage 1 U-Net channels at N, N/2, N/4
+    stage2_widths: tuple = (32, 64, 128)     # stage 2 U-Net channels at N, N/2, N/4 ... (one level per width, at least two)
+    stage3_widths: tuple = (16, 32, 64)      # stage 3 U-Net channels at N, N/2, N/4 ...
+    refiner_blocks: int = 2                  # residual blocks per level of the refiners' U-Nets
+    use_gradient_checkpointing: bool = True  # recompute stage 3's activations in the backward pass
+    chunk_voxels: int = 1 << 18              # lifting slab size in voxels
+
+    @property
+    def dims(self) -> tuple:
+        "Output grid of stages 1, 2, 3 (`voxel_dim`, where set, is the last)."
+        d = tuple(int(v) for v in self.voxel_dims)
+        return d[:2] + (int(self.voxel_dim),) if self.voxel_dim is not None else d
+
+    def widths(self, stage: int) -> tuple:
+        "U-Net channels of stage `stage`, finest level first."
+        return tuple(getattr(self, f'stage{_check_stage(stage)}_widths'))
+
+    def feature_dim(self, stage: int) -> int:
+        "Channels of the encoder level stage `stage` reads (S/4, S/2, S for stages 1, 2, 3)."
+        return encoder_widths(self.xray_feature_dim, self.encoder_widths)[3 - _check_stage(stage)]
+
+    def replace(self, **changes) -> 'ModelConfig':
+        "A copy with some fields changed; an unknown name is an `InputError` naming it."
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - names)
+        if bad: raise InputError(f"model: unknown setting {bad[0]!r}; valid: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self) -> 'ModelConfig':
+        "The same architecture with `voxel_dim` folded into `voxel_dims` and lists made tuples, checked."
+        c = self.replace(voxel_dims=self.dims, voxel_dim=None)
+        for k in ('lift_dims', 'stage1_widths', 'stage2_widths', 'stage3_widths'): setattr(c, k, tuple(int(v) for v in getattr(c, k)))
+        if c.encoder_widths is not None: c.encoder_widths = tuple(int(v) for v in c.encoder_widths)
+        if len(c.voxel_dims) != 3 or min(c.voxel_dims) < 4: raise InputError(f"voxel_dims {c.voxel_dims!r}: expected three grid sizes of at least 4")
+        if len(c.lift_dims) != 3 or min(c.lift_dims) < 1: raise InputError(f"lift_dims {c.lift_dims!r}: expected three positive channel counts")
+        if len(c.stage1_widths) != 3: raise InputError(f"stage1_widths {c.stage1_widths!r}: expected three widths (N, N/2, N/4)")
+        for k in (2, 3):
+            if len(c.widths(k)) < 2: raise InputError(f"stage{k}_widths {c.widths(k)!r}: a refiner needs at least two levels (N and N/2)")
+        return c
+
+def _check_stage(stage):
+    if stage not in (1, 2, 3): raise InputError(f"stage {stage!r}: expected 1, 2 or 3")
+    return stage
 
 # %% ../nbs/06_cascade.ipynb #348af4ce
-class ResBlock3d(nn.Module):
-    "Pre-activation residual block: (GroupNorm → SiLU → 3×3×3 conv) twice, added to its input."
+class VoxelNorm(nn.Module):
+    "LayerNorm over the channels of each voxel: no statistics across voxels, so a sub-volume is normalised exactly as inside the whole grid."
     def __init__(self,
-                 channels: int):  # input and output channels
+                 channels: int,       # channels normalised together
+                 eps: float = 1e-5):  # added to the variance
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels)), eps
+
+    def forward(self, x):             # [B, C, ...]
+        mu = x.mean(1, keepdim=True)
+        var = (x - mu).pow(2).mean(1, keepdim=True)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - mu) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+def norm3d(
+    channels: int,        # channels to normalise
+    kind: str = 'group',  # 'group': GroupNorm (statistics over the whole grid); 'voxel': `VoxelNorm` (per voxel)
+) -> nn.Module:
+    "The normalisation of a 3D block: GroupNorm for networks that always see their whole grid, `VoxelNorm` for those trained on sub-volumes."
+    if kind == 'group': return nn.GroupNorm(norm_groups(channels), channels)
+    if kind == 'voxel': return VoxelNorm(channels)
+    raise InputError(f"norm {kind!r}: expected 'group' or 'voxel'")
+
+class ResBlock3d(nn.Module):
+    "Pre-activation residual block: (norm → SiLU → 3×3×3 conv) twice, added to its input."
+    def __init__(self,
+                 channels: int,        # input and output channels
+                 norm: str = 'group'): # see `norm3d`
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(norm_groups(channels), channels), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1),
-            nn.GroupNorm(norm_groups(channels), channels), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1))
+            norm3d(channels, norm), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1),
+            norm3d(channels, norm), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1))
 
     def forward(self, x): return x + self.body(x)
 
-def _down3d(cin, cout):
-    "Halve the resolution: GroupNorm → SiLU → stride-2 3×3×3 conv."
-    return nn.Sequential(nn.GroupNorm(norm_groups(cin), cin), nn.SiLU(), nn.Conv3d(cin, cout, 3, stride=2, padding=1))
-
+def _down3d(cin, cout, norm='group'):
+    "Halve the resolution: norm → SiLU → stride-2 3×3×3 conv."
+    return nn.Sequential(norm3d(cin, norm), nn.SiLU(), nn.Conv3d(cin, cout, 3, stride=2, padding=1))
 
 def _maybe_checkpoint(enabled, fn, *args):
     "Run `fn(*args)`, recomputing it in the backward pass instead of storing its intermediates when `enabled`."
@@ -51,23 +135,16 @@ def pointwise(
     return y if layer.bias is None else y + layer.bias.to(x.dtype)[:, None]
 
 class ZeroHead(nn.Module):
-    "GroupNorm → SiLU → a per-voxel linear map to one channel whose weights and bias start at zero: the residual starts at exactly 0."
+    "Norm → SiLU → a per-voxel linear map to one channel whose weights and bias start at zero: the residual starts at exactly 0."
     def __init__(self,
-                 channels: int):   # input channels
+                 channels: int,        # input channels
+                 norm: str = 'group'): # see `norm3d`
         super().__init__()
-        self.norm, self.out = nn.GroupNorm(norm_groups(channels), channels), nn.Linear(channels, 1)
+        self.norm, self.out = norm3d(channels, norm), nn.Linear(channels, 1)
         nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)
 
     def forward(self, x):          # [B, C, D, H, W] -> [B, 1, D, H, W]
         return pointwise(self.out, F.silu(self.norm(x)).flatten(2)).view(x.shape[0], 1, *x.shape[2:])
-
-def fourier_features(
-    t: torch.Tensor,       # [n] coordinates in [-1, 1] along one axis
-    n_freq: int = 4,       # octaves: frequencies π·2^0 .. π·2^(n_freq-1)
-) -> torch.Tensor:         # [n, 1 + 2·n_freq]
-    "Position encoding of one axis: the coordinate and its sines and cosines at `n_freq` octaves."
-    x = t[:, None] * (math.pi * 2.0 ** torch.arange(n_freq, dtype=t.dtype, device=t.device))
-    return torch.cat([t[:, None], torch.sin(x), torch.cos(x)], dim=-1)
 
 def fourier_positions(
     coords: torch.Tensor,  # [..., 3] normalised coordinates in [-1, 1]
@@ -89,54 +166,39 @@ def normalised_coords(
     ax = lambda a, b: (2 * torch.arange(a, b, device=device, dtype=dtype) + 1) / n - 1
     return torch.stack(torch.meshgrid(ax(d0, d1), ax(0, n), ax(0, n), indexing='ij'), dim=-1)
 
-# %% ../nbs/06_cascade.ipynb #16fb2790
-class VoxelQuery(nn.Module):
-    "Query of each voxel: a linear map of its position encoding (separable over the axes) plus one of its prior value."
-    def __init__(self,
-                 dim: int,           # query channels
-                 n_freq: int = 4):   # octaves of the position encoding
-        super().__init__()
-        self.n_freq = n_freq
-        self.axes = nn.ModuleList([nn.Linear(1 + 2 * n_freq, dim, bias=(i == 0)) for i in range(3)])
-        self.prior = nn.Linear(1, dim, bias=False)
+def crop_slices(
+    n: int,                # grid size (cube)
+    crop=None,             # (d0, h0, w0, size): a size³ sub-volume starting at voxel (d0, h0, w0); None: the whole grid
+    scale: int = 1,        # the slices on a grid `scale` times coarser (offsets and size divided, size rounded up)
+) -> tuple:                # three slices
+    "Index slices of a cubic sub-volume of an n³ grid (or of the grid `scale`× coarser that lies under it)."
+    if crop is None: return (slice(None),) * 3
+    *start, size = (int(v) for v in crop)
+    if size < 1 or min(start) < 0 or max(start) + size > n:
+        raise InputError(f"crop {tuple(crop)}: a {size}³ sub-volume at {tuple(start)} does not fit in the {n}³ grid")
+    if scale > 1 and any(s % scale for s in start): raise InputError(f"crop {tuple(crop)}: offsets must be multiples of {scale}")
+    return tuple(slice(s // scale, s // scale + -(-size // scale)) for s in start)
 
-    def forward(self,
-                prior: torch.Tensor,   # [B, 1, d, n, n] prior values of planes d0 .. d0+d of an n³ grid
-                d0: int = 0,           # first plane
-               ) -> torch.Tensor:      # [B, dim, d·n·n]
-        B, _, d, n = prior.shape[:4]
-        phi = fourier_features((2 * torch.arange(n, device=prior.device, dtype=prior.dtype) + 1) / n - 1, self.n_freq)
-        z, y, x = (pointwise(axis, phi.T) for axis in self.axes)         # [dim, n] each
-        pos = z[:, d0:d0 + d, None, None] + y[:, None, :, None] + x[:, None, None, :]
-        return (pos + self.prior.weight.to(prior.dtype)[:, :, None, None] * prior).reshape(B, -1, d * n * n)
+def random_crop(
+    n: int,                # grid size (cube)
+    size: int,             # edge of the sub-volume
+    generator=None,        # torch.Generator for reproducible draws
+    multiple: int = 2,     # offsets are multiples of this (so that the coarser levels line up)
+) -> tuple:                # (d0, h0, w0, size)
+    "A random cubic sub-volume of an n³ grid, offsets on a `multiple` lattice."
+    if not (1 <= size <= n): raise InputError(f"crop size {size}: must be between 1 and the grid's {n}")
+    hi = (n - size) // multiple + 1
+    return tuple(int(v) * multiple for v in torch.randint(0, hi, (3,), generator=generator)) + (int(size),)
 
-class CrossViewAttention(nn.Module):
-    "Per-voxel cross-attention: each voxel's query attends over its V view features (keys, values), then an MLP."
-    def __init__(self,
-                 feature_dim: int,    # channels of each view's sampled features
-                 dim: int,            # output channels (and attention width)
-                 num_views: int = 2,  # number of views (keys / values per voxel)
-                 heads: int = 2,      # attention heads; must divide dim
-                 mlp_ratio: int = 2): # hidden width of the MLP after attention, × dim
-        super().__init__()
-        if dim % heads: raise InputError(f"lifting width {dim} is not divisible by its {heads} heads")
-        self.heads = heads
-        self.kv = nn.Linear(feature_dim, 2 * dim)
-        self.view_embedding = nn.Parameter(0.02 * torch.randn(num_views, 2 * dim, 1))
-        self.proj = nn.Linear(dim, dim)
-        self.mlp1, self.mlp2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
-
-    def forward(self,
-                samples: torch.Tensor,  # [B, V, C, M] features of M voxels sampled in V views
-                q: torch.Tensor,        # [B, dim, M] queries
-               ) -> torch.Tensor:       # [B, dim, M]
-        B, V, C, M = samples.shape
-        dim, h = q.shape[1], self.heads
-        kv = pointwise(self.kv, samples) + self.view_embedding.to(q.dtype)            # [B, V, 2·dim, M]
-        k, v = kv.view(B, V, 2, h, dim // h, M).unbind(2)
-        logits = (q.view(B, 1, h, dim // h, M) * k).sum(3, keepdim=True) / math.sqrt(dim // h)
-        x = pointwise(self.proj, (logits.softmax(dim=1) * v).sum(1).view(B, dim, M)) + q
-        return x + pointwise(self.mlp2, F.silu(pointwise(self.mlp1, x)))
+def paste_crop(
+    volume: torch.Tensor,  # [B, C, N, N, N] the whole grid
+    part: torch.Tensor,    # [B, C, c, c, c] the sub-volume's new values
+    crop,                  # (d0, h0, w0, c)
+) -> torch.Tensor:         # a new [B, C, N, N, N]: `volume` with `part` in place (gradients flow into `part`)
+    "The whole grid with a sub-volume replaced (e.g. a refiner's crop put into the upsampled previous stage, for the DRR term)."
+    out = volume.to(part.dtype).clone()
+    out[(slice(None),) * 2 + crop_slices(volume.shape[-1], crop)] = part
+    return out
 
 # %% ../nbs/06_cascade.ipynb #174b9d8e
 class _GridCache(dict):
@@ -155,25 +217,29 @@ def sample_views(
                                       padding_mode='zeros', align_corners=False)[:, :, 0] for v in range(V)], dim=1)
 
 class FeatureLifter(nn.Module):
-    "Lift V feature maps into an N³ voxel grid: project every voxel centre with the geometry, sample, fuse by cross-attention."
+    "Lift V views into an N³ grid: each voxel centre projected into every view with the geometry; per view, its features mapped to `dim` channels and its radiograph value, side by side."
     def __init__(self,
                  geometry: Geometry,        # the views (the same geometry that rendered the radiographs)
                  fov_mm: float,             # edge of the cubic field of view in mm (voxel spacing = fov_mm / voxel_dim)
                  voxel_dim: int,            # N: the grid is N³
                  feature_dim: int,          # channels of the feature maps
-                 dim: int,                  # output channels
-                 heads: int = 2,            # cross-attention heads
-                 n_freq: int = 4,           # octaves of the position encoding
+                 dim: int,                  # channels each view's features are mapped to
                  chunk_voxels: int = 1 << 18,            # voxels per slab (whole planes along D)
                  use_gradient_checkpointing: bool = False): # recompute each slab in the backward pass
         super().__init__()
         if not isinstance(geometry, Geometry): raise InputError(f"geometry: expected a Geometry, got {type(geometry).__name__}")
         if not (math.isfinite(fov_mm) and fov_mm > 0): raise InputError(f"fov_mm {fov_mm!r}: must be a positive number of mm")
-        self.geometry, self.fov_mm, self.voxel_dim, self.n_freq = geometry, float(fov_mm), int(voxel_dim), n_freq
+        V = len(geometry.views)
+        self.geometry, self.fov_mm, self.voxel_dim, self.dim = geometry, float(fov_mm), int(voxel_dim), int(dim)
         self.chunk_voxels, self.use_gradient_checkpointing = int(chunk_voxels), use_gradient_checkpointing
-        self.query = VoxelQuery(dim, n_freq)
-        self.attention = CrossViewAttention(feature_dim, dim, len(geometry.views), heads)
+        self.weight = nn.Parameter(torch.randn(V, dim, feature_dim) / math.sqrt(feature_dim))   # one map per view
+        self.bias = nn.Parameter(torch.zeros(V, dim, 1))
         self._grids = _GridCache()
+
+    @property
+    def out_channels(self) -> int:
+        "V·(dim + 1): each view's mapped features and its radiograph value."
+        return self.weight.shape[0] * (self.dim + 1)
 
     @property
     def spacing(self) -> float:
@@ -192,21 +258,24 @@ class FeatureLifter(nn.Module):
 
     def forward(self,
                 features: torch.Tensor,  # [B, V, C, h, w] feature maps of the views, any h, w
-                prior: torch.Tensor,     # [B, 1, N, N, N] prior value of each voxel (part of the query)
-               ) -> torch.Tensor:        # [B, dim, N, N, N]
-        n, V = self.voxel_dim, len(self.geometry.views)
+                xray: torch.Tensor,      # [B, V, 1, S, S] the radiographs themselves
+                crop=None,               # (d0, h0, w0, size): lift only this sub-volume (see `crop_slices`)
+               ) -> torch.Tensor:        # [B, V·(dim+1), c, c, c] (c = N, or the crop's size)
+        V = len(self.geometry.views)
         if features.ndim != 5 or features.shape[1] != V:
             raise InputError(f"features: expected [B, {V}, C, h, w] (one map per view of the geometry), got {tuple(features.shape)}")
-        grid = self.grid(features.device)
-        planes = max(1, self.chunk_voxels // (n * n))
-        out = [_maybe_checkpoint(self.use_gradient_checkpointing, self._slab, features, prior[:, :, d0:d0 + planes],
-                                 grid[:, d0:d0 + planes], d0) for d0 in range(0, n, planes)]
+        grid = self.grid(features.device)[(slice(None),) + crop_slices(self.voxel_dim, crop)]
+        d, h, w = grid.shape[1:4]
+        planes = max(1, self.chunk_voxels // (h * w))
+        out = [_maybe_checkpoint(self.use_gradient_checkpointing, self._slab, features, xray, grid[:, d0:d0 + planes])
+               for d0 in range(0, d, planes)]
         return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
-    def _slab(self, features, prior, grid, d0):
-        B, d, n = features.shape[0], grid.shape[1], self.voxel_dim
-        samples = sample_views(features, grid).to(prior.dtype)                    # [B, V, C, M]
-        return self.attention(samples, self.query(prior, d0)).view(B, -1, d, n, n)
+    def _slab(self, features, xray, grid):
+        B, shape = features.shape[0], grid.shape[1:4]
+        f = sample_views(features, grid)                                    # [B, V, C, M] float32
+        f = torch.matmul(self.weight.to(f.dtype), f) + self.bias.to(f.dtype)   # [B, V, dim, M]: each view its own map
+        return torch.cat([f, sample_views(xray, grid).to(f.dtype)], dim=2).reshape(B, -1, *shape)
 
 # %% ../nbs/06_cascade.ipynb #01bdb9bc
 class TransformerBlock(nn.Module):
@@ -230,42 +299,36 @@ class TransformerBlock(nn.Module):
 
 class _UpMerge3d(nn.Module):
     "Project the coarser map (1×1×1), upsample it trilinearly to the skip's size, add the skip, one residual block."
-    def __init__(self, coarse, skip):
+    def __init__(self, coarse, skip, norm='group'):
         super().__init__()
-        self.top, self.block = nn.Conv3d(coarse, skip, 1), ResBlock3d(skip)
+        self.top, self.block = nn.Conv3d(coarse, skip, 1), ResBlock3d(skip, norm)
 
     def forward(self, coarse, skip):
         return self.block(skip + F.interpolate(self.top(coarse), size=skip.shape[-3:], mode='trilinear', align_corners=False))
 
 # %% ../nbs/06_cascade.ipynb #49157f8f
 class Stage1Base64(nn.Module):
-    "Stage 1: lifted features → 3D U-Net with a transformer bottleneck → residual on the training set's mean volume."
+    "Stage 1: lifted views and the mean volume → 3D U-Net with a transformer bottleneck → residual on the training set's mean volume."
     def __init__(self,
-                 voxel_dim: int = 64,            # N: output grid N³
-                 feature_dim: int = 64,          # channels of the pyramid level it reads (S/4)
-                 widths=(32, 64, 128),           # channels at N³, (N/2)³, (N/4)³ (the transformer's width)
-                 depth: int = 4,                 # transformer blocks at (N/4)³
-                 heads: int = 8,                 # transformer heads
-                 geometry: Geometry | None = None, # the views; default: x2ct fitted to the field of view
-                 fov_mm: float = 384.0,          # edge of the cubic field of view, mm
-                 lift_heads: int = 4,            # cross-view attention heads of the lifting
-                 mlp_ratio: int = 4,             # transformer MLP width, × widths[2]
-                 chunk_voxels: int = 1 << 18,    # lifting slab size in voxels
-                 use_gradient_checkpointing: bool = False): # recompute lifting and blocks in the backward pass
+                 config: ModelConfig | None = None, # the architecture (default: `ModelConfig()`, the full tier)
+                 geometry: Geometry | None = None,  # the views; default: x2ct fitted to the field of view
+                 fov_mm: float = 384.0):            # edge of the cubic field of view, mm
         super().__init__()
-        geometry = default_geometry(geometry, fov_mm, voxel_dim)
-        w0, w1, w2 = widths
-        self.voxel_dim, self.widths, self.use_gradient_checkpointing = int(voxel_dim), tuple(widths), use_gradient_checkpointing
-        self.lifter = FeatureLifter(geometry, fov_mm, voxel_dim, feature_dim, w0, lift_heads, chunk_voxels=chunk_voxels,
-                                    use_gradient_checkpointing=use_gradient_checkpointing)
+        c = (config or ModelConfig()).resolved()
+        n = c.dims[0]
+        geometry = default_geometry(geometry, fov_mm, n)
+        w0, w1, w2 = c.stage1_widths
+        self.voxel_dim, self.widths = n, c.stage1_widths
+        self.lifter = FeatureLifter(geometry, fov_mm, n, c.feature_dim(1), c.lift_dims[0], c.chunk_voxels)
+        self.stem = nn.Conv3d(self.lifter.out_channels + 1, w0, 3, padding=1)
         self.enc0 = ResBlock3d(w0)
         self.enc1 = nn.Sequential(_down3d(w0, w1), ResBlock3d(w1))
         self.enc2 = nn.Sequential(_down3d(w1, w2), ResBlock3d(w2))
         self.token_position = nn.Linear(3 + 6 * 4, w2)
-        self.transformer = nn.ModuleList([TransformerBlock(w2, heads, mlp_ratio) for _ in range(depth)])
+        self.transformer = nn.ModuleList([TransformerBlock(w2, c.heads) for _ in range(c.depth)])
         self.dec1, self.dec0 = _UpMerge3d(w2, w1), _UpMerge3d(w1, w0)
         self.head = ZeroHead(w0)
-        self.register_buffer('mean_volume', torch.zeros(1, 1, voxel_dim, voxel_dim, voxel_dim))
+        self.register_buffer('mean_volume', torch.zeros(1, 1, n, n, n))
 
     @torch.no_grad()
     def set_mean_volume(self,
@@ -278,18 +341,19 @@ class Stage1Base64(nn.Module):
 
     def forward(self,
                 features: torch.Tensor,   # [B, V, C, h, w] the S/4 pyramid level
+                xray: torch.Tensor,       # [B, V, 1, S, S] the radiographs
                ):                          # (volume [B, 1, N, N, N], features [B, widths[0], N, N, N])
-        ck = lambda fn, *a: _maybe_checkpoint(self.use_gradient_checkpointing, fn, *a)
         prior = self.mean_volume.expand(features.shape[0], -1, -1, -1, -1)
-        x0 = ck(self.enc0, self.lifter(features, prior))
-        x1 = ck(self.enc1, x0)
-        x2 = ck(self.enc2, x1)
+        lifted = self.lifter(features, xray)
+        x0 = self.enc0(self.stem(torch.cat([lifted, prior.to(lifted.dtype)], dim=1)))
+        x1 = self.enc1(x0)
+        x2 = self.enc2(x1)
         B, C, n = x2.shape[0], x2.shape[1], x2.shape[-1]
         pos = fourier_positions(normalised_coords(n, device=x2.device, dtype=x2.dtype).reshape(-1, 3))
         t = x2.flatten(2).transpose(1, 2) + self.token_position(pos)
-        for block in self.transformer: t = ck(block, t)
+        for block in self.transformer: t = block(t)
         x2 = t.transpose(1, 2).reshape(B, C, n, n, n)
-        y = ck(self.dec0, ck(self.dec1, x2, x1), x0)
+        y = self.dec0(self.dec1(x2, x1), x0)
         return prior + self.head(y), y
 
 # %% ../nbs/06_cascade.ipynb #05aee7ea
@@ -323,133 +387,122 @@ def default_geometry(
 
 # %% ../nbs/06_cascade.ipynb #0945770d
 class VolumeRefiner(nn.Module):
-    "Refine the previous stage: upsample it, lift this stage's features into the finer grid, predict a residual."
+    "Refine the previous stage: a 3D U-Net over its upsampled volume and both views lifted into the finer grid predicts a residual."
     def __init__(self,
-                 voxel_dim: int = 128,           # N: output grid N³ (stage 3: the seed's voxel_dim 192, 256 or 320)
-                 feature_dim: int = 32,          # channels of the pyramid level it reads
-                 prev_dim: int = 32,             # channels of the previous stage's features
-                 widths=(16, 32),                # channels at N³ (keep few) and at (N/2)³ (the heavy part)
-                 blocks: int = 2,                # residual blocks at (N/2)³
-                 geometry: Geometry | None = None, # the views; default: x2ct fitted to the field of view
-                 fov_mm: float = 384.0,          # edge of the cubic field of view, mm
-                 lift_heads: int = 2,            # cross-view attention heads of the lifting
-                 chunk_voxels: int = 1 << 18,    # lifting slab size in voxels
-                 use_gradient_checkpointing: bool = False): # recompute lifting and blocks in the backward pass
+                 config: ModelConfig | None = None, # the architecture (default: `ModelConfig()`, the full tier)
+                 stage: int = 2,                    # 2 or 3: which stage of the config this is
+                 geometry: Geometry | None = None,  # the views; default: x2ct fitted to the field of view
+                 fov_mm: float = 384.0):            # edge of the cubic field of view, mm
         super().__init__()
-        geometry = default_geometry(geometry, fov_mm, voxel_dim)
-        cf, cm = widths
-        self.voxel_dim, self.widths, self.use_gradient_checkpointing = int(voxel_dim), tuple(widths), use_gradient_checkpointing
-        self.lifter = FeatureLifter(geometry, fov_mm, voxel_dim, feature_dim, cf, lift_heads, chunk_voxels=chunk_voxels,
-                                    use_gradient_checkpointing=use_gradient_checkpointing)
-        self.fine_in = nn.Conv3d(cf + 1, cf, 3, padding=1)
-        self.down = _down3d(cf, cm)
-        self.prev = nn.Conv3d(prev_dim, cm, 1)
-        self.mid = nn.ModuleList([ResBlock3d(cm) for _ in range(blocks)])
-        self.up = nn.Conv3d(cm, cf, 1)
-        self.fine_out = nn.Sequential(nn.GroupNorm(norm_groups(cf), cf), nn.SiLU(), nn.Conv3d(cf, cf, 3, padding=1))
-        self.head = ZeroHead(cf)
+        if stage not in (2, 3): raise InputError(f"refiner stage {stage!r}: expected 2 or 3")
+        c = (config or ModelConfig()).resolved()
+        n, w = c.dims[stage - 1], c.widths(stage)
+        geometry = default_geometry(geometry, fov_mm, n)
+        self.stage, self.voxel_dim, self.widths = stage, n, w
+        self.use_gradient_checkpointing = c.use_gradient_checkpointing and stage == 3
+        self.lifter = FeatureLifter(geometry, fov_mm, n, c.feature_dim(stage), c.lift_dims[stage - 1], c.chunk_voxels,
+                                    use_gradient_checkpointing=self.use_gradient_checkpointing)
+        self.stem = nn.Conv3d(self.lifter.out_channels + 1, w[0], 3, padding=1)
+        norm = 'voxel'                                            # trained on sub-volumes, run on the whole grid: no statistics across voxels
+        blocks = lambda ch: nn.ModuleList([ResBlock3d(ch, norm) for _ in range(c.refiner_blocks)])
+        self.downs = nn.ModuleList([_down3d(a, b, norm) for a, b in zip(w[:-1], w[1:])])
+        self.blocks = nn.ModuleList([blocks(ch) for ch in w])
+        self.prev = nn.Conv3d(c.widths(stage - 1)[0], w[1], 1)    # the previous stage's features join at N/2, their own grid
+        self.ups = nn.ModuleList([_UpMerge3d(b, a, norm) for a, b in zip(w[:-1], w[1:])])
+        self.head = ZeroHead(w[0], norm)
 
-    def _merge_prev(self, x, prev_features):
-        m = self.down(x)
-        return m + self.prev(resize_volume(prev_features.to(m.dtype), m.shape[-3:]))
+    def _lift_in(self, features, xray, base, crop):
+        "Lift (slab by slab) and the first convolution: one segment, so only `base` is stored."
+        lifted = self.lifter(features, xray, crop)
+        return self.stem(torch.cat([lifted, base.to(lifted.dtype)], dim=1))
 
-    def _lift_in(self, features, base):
-        "Lift (slab by slab) and the first full-resolution convolution: one segment, so only `base` is stored."
-        return self.fine_in(torch.cat([self.lifter(features, base), base], dim=1))
-
-    def _up(self, m, x):
-        y = x + F.interpolate(self.up(m), size=x.shape[-3:], mode='trilinear', align_corners=False)
-        return y + self.fine_out(y)
+    def _prev_in(self, prev_features, crop):
+        "The previous stage's features on this stage's N/2 grid (resized if its grid is not N/2), cropped like the volume."
+        half = -(-self.voxel_dim // 2)
+        p = resize_volume(prev_features, half)[(slice(None),) * 2 + crop_slices(self.voxel_dim, crop, scale=2)]
+        return self.prev(p)
 
     def forward(self,
                 features: torch.Tensor,       # [B, V, C, h, w] this stage's pyramid level
+                xray: torch.Tensor,           # [B, V, 1, S, S] the radiographs
                 prev_volume: torch.Tensor,    # [B, 1, n, n, n] the previous stage's volume
-                prev_features: torch.Tensor,  # [B, prev_dim, n, n, n] the previous stage's features
-               ):                              # (volume [B, 1, N, N, N], features [B, widths[0], N, N, N])
+                prev_features: torch.Tensor,  # [B, C', n, n, n] the previous stage's features
+                crop=None,                    # (d0, h0, w0, size): refine only this sub-volume (even offsets; see `random_crop`)
+               ):                              # (volume [B, 1, c, c, c], features [B, widths[0], c, c, c]), c = N or the crop's size
         ck = lambda fn, *a: _maybe_checkpoint(self.use_gradient_checkpointing, fn, *a)
         n = self.voxel_dim
         base = F.interpolate(prev_volume, size=(n, n, n), mode='trilinear', align_corners=False)
-        x = ck(self._lift_in, features, base)
-        m = ck(self._merge_prev, x, prev_features)
-        for block in self.mid: m = ck(block, m)
-        y = ck(self._up, m, x)
-        return base + ck(self.head, y), y
+        base = base[(slice(None),) * 2 + crop_slices(n, crop)]
+        x = ck(self._lift_in, features, xray, base, crop)
+        skips = []
+        for level, blocks in enumerate(self.blocks):
+            if level:
+                skips.append(x)
+                x = ck(self.downs[level - 1], x)
+                if level == 1: x = x + self._prev_in(prev_features, crop)
+            for block in blocks: x = ck(block, x)
+        for up, skip in zip(reversed(self.ups), reversed(skips)): x = ck(up, x, skip)
+        return base + ck(self.head, x), x
 
 class Stage2Refiner128(VolumeRefiner):
     "Stage 2 (128³ at the full tier): a `VolumeRefiner` reading the S/2 level."
-    def __init__(self, voxel_dim=128, feature_dim=32, prev_dim=32, widths=(16, 32), blocks=2, **kwargs):
-        super().__init__(voxel_dim, feature_dim, prev_dim, widths, blocks, **kwargs)
+    def __init__(self, config: ModelConfig | None = None, geometry: Geometry | None = None, fov_mm: float = 384.0):
+        super().__init__(config, 2, geometry, fov_mm)
 
 class Stage3Refiner256(VolumeRefiner):
     "Stage 3 (256³ at the full tier, or the seed's voxel_dim 192 / 320): a `VolumeRefiner` reading the S level, checkpointed by default."
-    def __init__(self, voxel_dim=256, feature_dim=16, prev_dim=16, widths=(8, 32), blocks=2, use_gradient_checkpointing=True, **kwargs):
-        super().__init__(voxel_dim, feature_dim, prev_dim, widths, blocks, use_gradient_checkpointing=use_gradient_checkpointing, **kwargs)
+    def __init__(self, config: ModelConfig | None = None, geometry: Geometry | None = None, fov_mm: float = 384.0):
+        super().__init__(config, 3, geometry, fov_mm)
 
 # %% ../nbs/06_cascade.ipynb #9d71e780
 CASCADE_TIERS = {
-    'full': dict(xray_img_size=512, xray_feature_dim=64, voxel_dims=(64, 128, 256), stage1_widths=(32, 64, 128), depth=4,
-                 heads=8, stage2_widths=(16, 32), stage3_widths=(8, 32), refiner_blocks=2),
-    'quickstart': dict(xray_img_size=128, xray_feature_dim=32, voxel_dims=(16, 32, 64), stage1_widths=(16, 32, 64), depth=2,
-                       heads=4, stage2_widths=(8, 16), stage3_widths=(4, 16), refiner_blocks=1),
-    'test': dict(xray_img_size=64, xray_feature_dim=16, voxel_dims=(16, 32, 64), stage1_widths=(16, 32, 64), depth=2,
-                 heads=4, stage2_widths=(8, 16), stage3_widths=(4, 16), refiner_blocks=1),
+    'full': ModelConfig(),
+    'quickstart': ModelConfig(xray_img_size=128, xray_feature_dim=32, voxel_dims=(16, 32, 64), lift_dims=(16, 8, 8), depth=2, heads=4,
+                              stage1_widths=(16, 32, 64), stage2_widths=(16, 32, 64), stage3_widths=(16, 32, 64), refiner_blocks=1,
+                              use_gradient_checkpointing=False),   # at 64³ on a CPU, recomputation costs 20% of a step and saves nothing needed
+    'test': ModelConfig(xray_img_size=64, xray_feature_dim=16, voxel_dims=(16, 32, 64), lift_dims=(8, 4, 4), depth=2, heads=4,
+                        stage1_widths=(16, 32, 64), stage2_widths=(8, 16), stage3_widths=(4, 8), refiner_blocks=1),
 }
 
 # %% ../nbs/06_cascade.ipynb #a8e1a6d8
 class ProgressiveCascadeModel(nn.Module):
-    "Encoder + three stages; `forward(xray, upto=k)` gives every stage's volume up to k; `set_stage(k)` freezes the rest."
+    "Encoder + three stages built from one `ModelConfig`; `forward(xray, upto=k)` gives every stage's volume up to k; `set_stage(k)` freezes the rest."
     def __init__(self,
-                 xray_img_size: int = 512,        # S: radiographs are S×S pixels
-                 xray_feature_dim: int = 64,      # encoder channels at S/4 (what stage 1 reads)
-                 encoder_widths=None,             # encoder channels at (S, S/2, S/4); default (dim/4, dim/2, dim)
-                 context_levels: int = 2,         # encoder halvings below S/4
-                 voxel_dims=(64, 128, 256),       # output grid of stages 1, 2, 3
-                 voxel_dim: int | None = None,    # the seed's stage-3 voxel_dim (192, 256, 320): overrides voxel_dims[2]
-                 fov_mm: float = 384.0,           # edge of the cubic field of view, mm
-                 geometry: Geometry | None = None,# views of the radiographs; default x2ct fitted to the field of view
-                 stage1_widths=(32, 64, 128),     # stage 1 channels at N, N/2, N/4
-                 depth: int = 4,                  # stage 1 transformer blocks
-                 heads: int = 8,                  # stage 1 transformer heads
-                 stage2_widths=(16, 32),          # stage 2 channels at full and half resolution
-                 stage3_widths=(8, 32),           # stage 3 channels at full and half resolution
-                 refiner_blocks: int = 2,         # residual blocks at half resolution in stages 2 and 3
-                 use_gradient_checkpointing: bool = True, # checkpoint stage 3
-                 chunk_voxels: int = 1 << 18):    # lifting slab size in voxels
+                 config: ModelConfig | None = None, # the architecture (default: `ModelConfig()`, the full tier)
+                 geometry: Geometry | None = None,  # views of the radiographs; default x2ct fitted to the field of view
+                 fov_mm: float = 384.0,             # edge of the cubic field of view, mm
+                 **changes):                        # `ModelConfig` fields to change, e.g. voxel_dim=192
         super().__init__()
-        voxel_dims = tuple(int(v) for v in voxel_dims)
-        if voxel_dim is not None: voxel_dims = voxel_dims[:2] + (int(voxel_dim),)
-        if len(voxel_dims) != 3 or min(voxel_dims) < 4: raise InputError(f"voxel_dims {voxel_dims!r}: expected three grid sizes of at least 4")
-        geometry = default_geometry(geometry, fov_mm, voxel_dims[-1], detector=xray_img_size)
-        self.geometry, self.fov_mm, self.voxel_dims = geometry, float(fov_mm), voxel_dims
-        self.config = dict(xray_img_size=xray_img_size, xray_feature_dim=xray_feature_dim, encoder_widths=encoder_widths,
-                           context_levels=context_levels, voxel_dims=voxel_dims, fov_mm=fov_mm, geometry=geometry.to_dict(),
-                           stage1_widths=tuple(stage1_widths), depth=depth, heads=heads, stage2_widths=tuple(stage2_widths),
-                           stage3_widths=tuple(stage3_widths), refiner_blocks=refiner_blocks,
-                           use_gradient_checkpointing=use_gradient_checkpointing, chunk_voxels=chunk_voxels)
-        self.encoder = MultiScaleXrayEncoder(xray_img_size, xray_feature_dim, encoder_widths, context_levels, len(geometry.views))
-        ch = self.encoder.out_channels
-        common = dict(geometry=geometry, fov_mm=fov_mm, chunk_voxels=chunk_voxels)
-        self.stage1 = Stage1Base64(voxel_dims[0], ch[0], stage1_widths, depth, heads, **common)
-        self.stage2 = Stage2Refiner128(voxel_dims[1], ch[1], stage1_widths[0], stage2_widths, refiner_blocks, **common)
-        self.stage3 = Stage3Refiner256(voxel_dims[2], ch[2], stage2_widths[0], stage3_widths, refiner_blocks,
-                                       use_gradient_checkpointing=use_gradient_checkpointing, **common)
+        c = (config or ModelConfig()).replace(**changes).resolved()
+        geometry = default_geometry(geometry, fov_mm, c.dims[-1], detector=c.xray_img_size)
+        self.model_config, self.geometry, self.fov_mm, self.voxel_dims = c, geometry, float(fov_mm), c.dims
+        self.encoder = MultiScaleXrayEncoder(c.xray_img_size, c.xray_feature_dim, c.encoder_widths, c.context_levels, len(geometry.views))
+        self.stage1 = Stage1Base64(c, geometry, fov_mm)
+        self.stage2 = Stage2Refiner128(c, geometry, fov_mm)
+        self.stage3 = Stage3Refiner256(c, geometry, fov_mm)
         self.stage = None
+
+    @property
+    def config(self) -> dict:
+        "Everything that rebuilds this model, as JSON-ready data: the `ModelConfig`, the geometry and the field of view."
+        return json.loads(json.dumps(dataclasses.asdict(self.model_config) | {'geometry': self.geometry.to_dict(), 'fov_mm': self.fov_mm}))
 
     @classmethod
     def from_tier(cls,
                   tier: str,      # 'full', 'quickstart' or 'test' (see `CASCADE_TIERS`)
-                  **changes):     # arguments to override
+                  **changes):     # geometry, fov_mm, or `ModelConfig` fields to change
         "A cascade of a named size."
         if tier not in CASCADE_TIERS: raise InputError(f"unknown tier {tier!r}: expected one of {', '.join(CASCADE_TIERS)}")
-        return cls(**{**CASCADE_TIERS[tier], **changes})
+        return cls(CASCADE_TIERS[tier], **changes)
 
     @classmethod
     def from_config(cls,
                     config: dict):  # `model.config` of a saved model
-        "Rebuild a cascade from its `config` (geometry as a dict)."
+        "Rebuild a cascade from its `config`."
         c = dict(config)
-        if isinstance(c.get('geometry'), dict): c['geometry'] = Geometry.from_dict(c['geometry'])
-        return cls(**c)
+        geometry, fov_mm = c.pop('geometry', None), c.pop('fov_mm', 384.0)
+        if isinstance(geometry, dict): geometry = Geometry.from_dict(geometry)
+        return cls(ModelConfig().replace(**c), geometry, fov_mm)
 
     @property
     def stages(self) -> list:
@@ -465,30 +518,34 @@ class ProgressiveCascadeModel(nn.Module):
     def forward(self,
                 xray: torch.Tensor,     # radiographs [B, V, 1, S, S] (or [B, V, S, S]) on the network's scale
                 upto: int | None = None,# last stage to run; default: the stage set by `set_stage`, else 3
-               ) -> list:               # [volume of stage 1, ..., of stage upto], each [B, 1, N_k, N_k, N_k]
+                crop=None,              # (d0, h0, w0, size): the last stage (2 or 3) computes only this sub-volume of its grid
+               ) -> list:               # [volume of stage 1, ..., of stage upto], each [B, 1, N_k, N_k, N_k] (the last: the crop)
         "Every stage's volume up to `upto`, on the network's [0, 1] scale (not clamped)."
-        upto = _check_stage(upto if upto is not None else (self.stage or 3))
+        upto = _check_stage(upto if upto is not None else (self.stage if isinstance(self.stage, int) else 3))
+        if crop is not None and upto == 1: raise InputError("crop: stage 1 computes its whole grid (crops are for the refiners, stages 2 and 3)")
         pyramid = self.encoder(xray, levels=upto)
-        volume, features = self.stage1(pyramid[0])
+        xray = xray if xray.ndim == 5 else xray[:, :, None]
+        volume, features = self.stage1(pyramid[0], xray)
         volumes = [volume]
-        for stage, level in zip(self.stages[1:upto], pyramid[1:]):
-            volume, features = stage(level, volume, features)
+        for k, (stage, level) in enumerate(zip(self.stages[1:upto], pyramid[1:]), 2):
+            volume, features = stage(level, xray, volume, features, crop if k == upto else None)
             volumes.append(volume)
         return volumes
 
     def set_stage(self,
-                  stage: int):   # the stage to train: 1, 2 or 3
-        "Train stage `stage` (and its encoder part); freeze everything else (no gradients, eval mode)."
-        self.stage = _check_stage(stage)
-        for p in self.parameters(): p.requires_grad_(False)
-        for m in self.stage_modules(stage):
-            for p in m.parameters(): p.requires_grad_(True)
+                  stage):        # the stage to train: 1, 2 or 3; or 'all' (the end-to-end phase: every stage trains)
+        "Train stage `stage` (and its encoder part); freeze everything else (no gradients, eval mode). 'all' unfreezes everything."
+        self.stage = stage if stage == 'all' else _check_stage(stage)
+        for p in self.parameters(): p.requires_grad_(stage == 'all')
+        if stage != 'all':
+            for m in self.stage_modules(stage):
+                for p in m.parameters(): p.requires_grad_(True)
         return self.train(self.training)
 
     def train(self, mode: bool = True):
         "Set train/eval mode; modules of stages other than the one set by `set_stage` stay in eval mode."
         super().train(mode)
-        if self.stage is not None:
+        if isinstance(self.stage, int):
             for k in (1, 2, 3):
                 if k != self.stage:
                     for m in self.stage_modules(k): m.eval()
@@ -497,11 +554,6 @@ class ProgressiveCascadeModel(nn.Module):
     def trainable_parameters(self) -> list:
         "The parameters an optimiser should get (those of the stage set, or all before `set_stage`)."
         return [p for p in self.parameters() if p.requires_grad]
-
-# %% ../nbs/06_cascade.ipynb #2d203abb
-def _check_stage(stage):
-    if stage not in (1, 2, 3): raise InputError(f"stage {stage!r}: expected 1, 2 or 3")
-    return stage
 
 # %% ../nbs/06_cascade.ipynb #0616eb32
 from torch.utils.flop_counter import FlopCounterMode

@@ -14,28 +14,14 @@ from pathlib import Path
 
 from .geometry import InputError
 from .dataset import DataConfig
+from .cascade import ModelConfig
+from .losses import Stage1Loss, Stage2Loss, Stage3Loss
 
 # %% auto #0
-__all__ = ['ModelConfig', 'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig', 'CheckpointConfig', 'Config',
-           'config_from_dict', 'load_config', 'resolve_path']
+__all__ = ['StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig', 'CheckpointConfig', 'Config',
+           'config_from_dict', 'load_config', 'resolve_path', 'model_section']
 
 # %% ../nbs/09_config.ipynb #517e17c4
-@dataclass
-class ModelConfig:
-    "`model`: the cascade's architecture (see `ProgressiveCascadeModel`)."
-    xray_img_size: int = 512                 # S: radiographs are S×S; the encoder's pyramid is S, S/2, S/4
-    xray_feature_dim: int = 64               # encoder channels at S/4, the level stage 1 reads
-    encoder_widths: typing.Optional[tuple] = None # encoder channels at (S, S/2, S/4); default (dim/4, dim/2, dim)
-    context_levels: int = 2                  # encoder halvings below S/4 (receptive field)
-    voxel_dim: typing.Optional[int] = None   # the seed's final resolution (192, 256, 320); same as training.stage3.voxel_dim
-    depth: int = 4                           # stage 1 transformer blocks
-    heads: int = 8                           # stage 1 attention heads
-    stage1_widths: tuple = (32, 64, 128)      # stage 1 U-Net channels at N, N/2, N/4
-    stage2_widths: tuple = (16, 32)           # stage 2 channels at full and half resolution
-    stage3_widths: tuple = (8, 32)            # stage 3 channels at full and half resolution
-    refiner_blocks: int = 2                  # residual blocks at half resolution in stages 2 and 3
-    use_gradient_checkpointing: bool = True  # recompute stage 3's activations in the backward pass
-
 @dataclass
 class StageTrainingConfig:
     "`training.stageK`: one stage's schedule."
@@ -43,6 +29,7 @@ class StageTrainingConfig:
     batch_size: int = 1                      # volumes per process per step
     learning_rate: float = 1e-4              # AdamW peak learning rate (after warm-up)
     voxel_dim: typing.Optional[int] = None   # output grid N (N³ voxels); alias: target_resolution
+    crop_size: typing.Optional[int] = None   # stages 2, 3: train on random crop_size³ sub-volumes of the grid (null: the whole grid)
 
 @dataclass
 class TrainingConfig:
@@ -57,6 +44,7 @@ class TrainingConfig:
     stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 1e-4, 64))
     stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 5e-5, 128))
     stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 2e-5, 256))
+    end_to_end: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(0, 2, 1e-5, None, 128))  # after the stages: all together (0 epochs: off)
 
 @dataclass
 class StageLossConfig:
@@ -70,9 +58,9 @@ class StageLossConfig:
 @dataclass
 class LossConfig:
     "`loss`: one section per stage (the seed's weights by default), and where the VGG16 weights come from."
-    stage1: StageLossConfig = field(default_factory=lambda: StageLossConfig(1.0, 0.5))
-    stage2: StageLossConfig = field(default_factory=lambda: StageLossConfig(1.0, 0.5, 0.1))
-    stage3: StageLossConfig = field(default_factory=lambda: StageLossConfig(1.0, 0.5, 0.1, 0.2, 0.3))
+    stage1: StageLossConfig = field(default_factory=lambda: StageLossConfig(**Stage1Loss.DEFAULTS))   # the weights' one source: the loss classes
+    stage2: StageLossConfig = field(default_factory=lambda: StageLossConfig(**Stage2Loss.DEFAULTS))
+    stage3: StageLossConfig = field(default_factory=lambda: StageLossConfig(**Stage3Loss.DEFAULTS))
     vgg_weights: typing.Optional[str] = None # local vgg16-397923af.pth; default: torch hub's cache / download
     allow_random_vgg: bool = False           # use random VGG weights when the ImageNet ones cannot be had (tests only)
 
@@ -106,14 +94,9 @@ class Config:
         "Output grid of stages 1, 2, 3."
         return tuple(self.stage(k).voxel_dim for k in (1, 2, 3))
 
-    def model_kwargs(self) -> dict:
-        "Arguments of `ProgressiveCascadeModel` (without the geometry and field of view, which the dataset gives)."
-        m = dataclasses.asdict(self.model)
-        m.pop('voxel_dim')
-        m['voxel_dims'] = self.voxel_dims
-        if m['encoder_widths'] is not None: m['encoder_widths'] = tuple(m['encoder_widths'])
-        for k in ('stage1_widths', 'stage2_widths', 'stage3_widths'): m[k] = tuple(m[k])
-        return m
+    def model_config(self) -> ModelConfig:
+        "The architecture `ProgressiveCascadeModel` is built from (the geometry and field of view come from the dataset)."
+        return self.model.replace(voxel_dims=self.voxel_dims, voxel_dim=None).resolved()
 
     def to_dict(self) -> dict:
         "The whole configuration as plain JSON-ready data (every key, defaults included)."
@@ -182,8 +165,10 @@ def _check(c: Config, explicit: set):
     for key in ('stage1_widths', 'stage2_widths', 'stage3_widths') + (('encoder_widths',) if m.encoder_widths is not None else ()):
         w = getattr(m, key)
         need(all(v >= 1 for v in w), f'model.{key}', f"channels must be positive, got {w}")
-    need(len(m.stage2_widths) == 2 and len(m.stage3_widths) == 2, 'model.stage2_widths',
-         "stages 2 and 3 take two widths (full and half resolution)")
+    need(len(m.stage1_widths) == 3, 'model.stage1_widths', f"expected three widths (N, N/2, N/4), got {m.stage1_widths}")
+    for k in (2, 3):
+        need(len(m.widths(k)) >= 2, f'model.stage{k}_widths', f"a refiner's U-Net needs at least two levels (N, N/2), got {m.widths(k)}")
+    need(len(m.lift_dims) == 3 and min(m.lift_dims) >= 1, 'model.lift_dims', f"expected three positive channel counts, got {m.lift_dims}")
     need(m.encoder_widths is None or len(m.encoder_widths) == 3, 'model.encoder_widths', "expected three widths (S, S/2, S/4)")
     if m.voxel_dim is not None:
         s3 = t.stage3.voxel_dim
@@ -196,6 +181,22 @@ def _check(c: Config, explicit: set):
         need(s.batch_size >= 1, f'{key}.batch_size', f"must be at least 1, got {s.batch_size}")
         need(s.learning_rate > 0, f'{key}.learning_rate', f"must be positive, got {s.learning_rate}")
         need(s.voxel_dim is not None and s.voxel_dim >= 4, f'{key}.voxel_dim', f"must be a grid size of at least 4, got {s.voxel_dim}")
+    need('model.voxel_dims' not in explicit or tuple(m.voxel_dims) == c.voxel_dims, 'model.voxel_dims',
+         f"{list(m.voxel_dims)} differs from training.stageK.voxel_dim {list(c.voxel_dims)}: set each stage's grid once")
+    m.voxel_dims = c.voxel_dims
+    e = t.end_to_end
+    need(e.voxel_dim is None or e.voxel_dim == t.stage3.voxel_dim, 'training.end_to_end.voxel_dim', "is stage 3's grid: leave it out")
+    e.voxel_dim = t.stage3.voxel_dim
+    need(e.num_epochs >= 0 and e.batch_size >= 1 and e.learning_rate > 0, 'training.end_to_end',
+         "num_epochs must be 0 (off) or more, batch_size at least 1, learning_rate positive")
+    if e.crop_size is not None and e.crop_size >= e.voxel_dim: e.crop_size = None
+    need(t.stage1.crop_size is None, 'training.stage1.crop_size', "stage 1 computes its whole grid: crops are for the refiners")
+    for k, st in ((2, t.stage2), (3, t.stage3), (3, t.end_to_end)):
+        s, n = st.crop_size, st.voxel_dim
+        if s is not None:
+            f = 2 ** (len(m.widths(k)) - 1)
+            need(s <= n and s % f == 0, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: must be at most the grid's {n} and divisible by {f} (the U-Net halves it {len(m.widths(k)) - 1} times)")
+            need(s >= 16, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: below 16 voxels the SSIM term's 11-voxel window has nothing left")
     f1 = 2 ** (len(m.stage1_widths) - 1)
     need(t.stage1.voxel_dim % f1 == 0, 'training.stage1.voxel_dim',
          f"{t.stage1.voxel_dim} is not divisible by {f1}: stage 1's U-Net halves it {len(m.stage1_widths) - 1} times")
@@ -257,3 +258,11 @@ def resolve_path(
     "A configuration's path, relative ones against the working directory."
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(cwd or Path.cwd()) / p
+
+def model_section(
+    config: ModelConfig,    # an architecture (e.g. a tier of `CASCADE_TIERS`)
+) -> dict:                  # JSON-ready `model` section, without the grids (a file sets them as training.stageK.voxel_dim)
+    "A `ModelConfig` as a configuration file's `model` section: how the quickstart's config is written from its tier instead of restating it."
+    d = json.loads(json.dumps(dataclasses.asdict(config)))
+    d.pop('voxel_dims'); d.pop('voxel_dim')
+    return d

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .geometry import InputError
 
 # %% auto #0
-__all__ = ['norm_groups', 'ResBlock2d', 'TopDownMerge2d', 'XrayTrunk', 'MultiScaleXrayEncoder', 'check_xray']
+__all__ = ['norm_groups', 'ResBlock2d', 'TopDownMerge2d', 'XrayTrunk', 'encoder_widths', 'MultiScaleXrayEncoder', 'check_xray']
 
 # %% ../nbs/05_encoder.ipynb #facc9980
 def norm_groups(
@@ -89,6 +89,17 @@ class XrayTrunk(nn.Module):
         return f0, f1, self.out(x, f2)
 
 # %% ../nbs/05_encoder.ipynb #3f01f202
+def encoder_widths(
+    xray_feature_dim: int,   # channels of the S/4 level
+    widths=None,             # channels at (S, S/2, S/4), or None for (dim/4, dim/2, dim)
+) -> tuple:                  # (S, S/2, S/4) channels
+    "The encoder's channels at S, S/2 and S/4 (the one rule, used by the encoder and by the stages that read it)."
+    if widths is None: widths = (max(1, xray_feature_dim // 4), max(1, xray_feature_dim // 2), xray_feature_dim)
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 3 or min(widths) < 1: raise InputError(f"encoder widths {widths!r}: expected three positive channel counts (S, S/2, S/4)")
+    if widths[2] != xray_feature_dim: raise InputError(f"encoder widths {widths!r}: the S/4 width must equal xray_feature_dim={xray_feature_dim}")
+    return widths
+
 class MultiScaleXrayEncoder(nn.Module):
     "Shared 2D encoder of all views: a feature pyramid at S/4, S/2 and S (the levels stages 1, 2, 3 read)."
     def __init__(self,
@@ -99,10 +110,7 @@ class MultiScaleXrayEncoder(nn.Module):
                  num_views: int = 2,          # number of views (AP, lateral)
                  blocks: int = 1):            # residual blocks per level
         super().__init__()
-        if widths is None: widths = (max(1, xray_feature_dim // 4), max(1, xray_feature_dim // 2), xray_feature_dim)
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 3 or min(widths) < 1: raise InputError(f"encoder widths {widths!r}: expected three positive channel counts (S, S/2, S/4)")
-        if widths[2] != xray_feature_dim: raise InputError(f"encoder widths {widths!r}: the S/4 width must equal xray_feature_dim={xray_feature_dim}")
+        widths = encoder_widths(xray_feature_dim, widths)
         div = 4 * 2 ** context_levels
         if xray_img_size % div: raise InputError(f"xray_img_size {xray_img_size}: must be a multiple of {div} (S/4 and {context_levels} context halvings)")
         self.xray_img_size, self.num_views, self.widths = int(xray_img_size), int(num_views), widths

@@ -23,7 +23,7 @@ from .volumes import atomic_write, save_nifti
 from .dataset import CTDataset, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import DRRReprojectionLoss, resample_radiographs
-from .metrics import stage_metrics, X2CT_PEAK
+from .metrics import oracles, stage_metrics, volume_metrics, X2CT_PEAK
 from .train import command_main, load_weights
 
 # %% auto #0
@@ -222,6 +222,7 @@ METRIC_DEFINITIONS = {
     'ssim_2d_x2ct': f'X2CT-GAN protocol: 2D per-slice SSIM (data range {X2CT_PEAK:.0f}), mean over the slices of the three axes',
     'native': "each stage at its own grid, the ground truth area-averaged to it",
     'full': "each stage upsampled trilinearly to the full grid, against the full ground truth",
+    'oracle': "oracleN: the ground truth area-averaged to a lower stage's N³ grid and upsampled back, what a perfect stage N would give (full grid)",
 }
 MODES = ('single', 'evaluate', 'files')
 FILES_WARNING = ("real radiographs are not DRRs (scatter, anti-scatter grid, detector blur and noise, vendor processing, "
@@ -244,10 +245,11 @@ def check_dataset_fits(
         raise InputError(f"{path}: its radiographs were taken with another geometry than the checkpoint's")
 
 def _summarise(rows: list) -> dict:
-    "Mean ± std (and n) of every metric, per stage and grid."
+    "Mean ± std (and n) of every metric, per stage (and oracle) and grid."
     out = {}
     for r in rows:
-        d = out.setdefault(f"stage{r['stage']}", {}).setdefault(r['grid'], {})
+        row = f"stage{r['stage']}" if isinstance(r['stage'], int) else r['stage']     # a stage, or an oracle
+        d = out.setdefault(row, {}).setdefault(r['grid'], {})
         for k, v in r.items():
             if k in METRIC_DEFINITIONS: d.setdefault(k, []).append(v)
     return {s: {g: {k: {'mean': float(np.mean(v)), 'std': float(np.std(v)), 'n': len(v)} for k, v in m.items()}
@@ -367,6 +369,9 @@ def _run_items(model, items, upto, views, staging, out, save_nifti, log) -> dict
                     rows.append({'patient_id': item['patient_id'], 'stage': k, 'grid': grid,
                                  'voxels': volumes[k - 1].shape[-1] if grid == 'native' else gt.shape[-1],
                                  **{key: float(v[0]) for key, v in values.items()}})
+            for oracle, v in oracles(gt.float(), model.voxel_dims).items():   # what a perfect coarser stage would give
+                rows.append({'patient_id': item['patient_id'], 'stage': oracle, 'grid': 'full', 'voxels': gt.shape[-1],
+                             **{key: float(x[0]) for key, x in volume_metrics(v, gt.float()).items()}})
             last = {key: float(v[0]) for key, v in m[f'stage{upto}']['native'].items()}
             log(f"{item['patient_id']}: stage {upto} PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.3f}, MAE {last['mae_hu']:.0f} HU "
                 f"({seconds[-1]:.2f} s)")
@@ -399,12 +404,12 @@ def _move_run_into_place(staging: Path, out: Path) -> list:
     return sorted(stale)
 
 def format_summary(summary: dict) -> str:
-    "The summary's metrics as a text table: both families, native and full grid."
+    "The summary's metrics as a text table: both families, native and full grid; the oracles (a perfect coarser stage upsampled) at the full grid."
     lines = [f"{'stage':5s} {'grid':6s} {'PSNR 3D':>14s} {'SSIM 3D':>13s} {'MAE HU':>10s} {'X2CT PSNR 2D':>14s} {'X2CT SSIM 2D':>13s}"]
     for s, grids in summary['metrics'].items():
         for g, m in grids.items():
             f = lambda k, p: f"{m[k]['mean']:.{p}f}±{m[k]['std']:.{p}f}" if k in m else '-'
-            lines.append(f"{s[5:]:5s} {g:6s} {f('psnr', 2):>14s} {f('ssim', 3):>13s} {f('mae_hu', 0):>10s} "
+            lines.append(f"{s[5:] if s.startswith('stage') else s:5s} {g:6s} {f('psnr', 2):>14s} {f('ssim', 3):>13s} {f('mae_hu', 0):>10s} "
                          f"{f('psnr_2d_x2ct', 2):>14s} {f('ssim_2d_x2ct', 3):>13s}")
     return '\n'.join(lines)
 

@@ -257,6 +257,7 @@ class DRRReprojectionLoss(nn.Module):
 # %% ../nbs/07_losses.ipynb #e6f1730d
 class StageLoss(nn.Module):
     "Weighted sum of L1, SSIM, VGG, gradient and DRR terms (a zero weight drops a term)."
+    stage = None   # the stage whose loss this is (Stage1Loss .. Stage3Loss)
     DEFAULTS = dict(l1_weight=1.0, ssim_weight=0.5, vgg_weight=0.0, gradient_weight=0.0, drr_weight=0.0)
 
     def __init__(self,
@@ -291,6 +292,7 @@ class StageLoss(nn.Module):
                 pred: torch.Tensor,           # [B, 1, D, H, W] predicted volume, [0, 1] scale
                 target: torch.Tensor,         # [B, 1, D, H, W] target volume at the same resolution
                 xray: torch.Tensor | None = None, # [B, V, 1, h, w] input radiographs (for the DRR term)
+                full: torch.Tensor | None = None, # the whole volume the DRR term renders (default: pred); for a crop, the crop pasted into the rest
                ):                              # (total, {term: unweighted detached value})
         _check_pair(pred, target)
         terms = {}
@@ -300,20 +302,23 @@ class StageLoss(nn.Module):
                 if getattr(self, name) is not None: terms[name] = getattr(self, name)(pred, target)
             if self.drr is not None:
                 if xray is None: raise InputError("the DRR reprojection term needs the input radiographs: loss(pred, target, xray)")
-                terms['drr'] = self.drr(pred, xray)
+                terms['drr'] = self.drr(pred if full is None else _fp32(full), xray)
             total = sum(self.weights[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}
 
 class Stage1Loss(StageLoss):
     "Stage 1, structure: 1.0 L1 + 0.5 SSIM."
+    stage = 1
     DEFAULTS = dict(StageLoss.DEFAULTS)
 
 class Stage2Loss(StageLoss):
     "Stage 2, texture: 1.0 L1 + 0.5 SSIM + 0.1 VGG."
+    stage = 2
     DEFAULTS = dict(StageLoss.DEFAULTS, vgg_weight=0.1)
 
 class Stage3Loss(StageLoss):
     "Stage 3, details: 1.0 L1 + 0.5 SSIM + 0.1 VGG + 0.2 gradient + 0.3 DRR."
+    stage = 3
     DEFAULTS = dict(StageLoss.DEFAULTS, vgg_weight=0.1, gradient_weight=0.2, drr_weight=0.3)
 
 STAGE_LOSSES = {1: Stage1Loss, 2: Stage2Loss, 3: Stage3Loss}

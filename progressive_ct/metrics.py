@@ -13,7 +13,7 @@ from .losses import SSIM3D
 
 # %% auto #0
 __all__ = ['X2CT_PEAK', 'X2CT_RANGE', 'psnr3d', 'ssim3d', 'mae_hu', 'to_x2ct_scale', 'x2ct_metrics', 'volume_metrics',
-           'stage_metrics']
+           'stage_metrics', 'oracles', 'bootstrap_ci']
 
 # %% ../nbs/08_metrics.ipynb #72e50151
 def _pair(pred, target):
@@ -113,3 +113,24 @@ def stage_metrics(
         res[f'stage{k}'] = {'native': native, 'full': native if tuple(out.shape[-3:]) == full
                             else volume_metrics(resize_volume(out, full), target.to(out.dtype), x2ct)}
     return res
+
+def oracles(
+    target: torch.Tensor,    # the full-resolution ground truth [B, 1, N, N, N], [0, 1] scale
+    dims,                    # the stages' grids, e.g. (64, 128, 256): an oracle for each but the last
+) -> dict:                   # {'oracle64': [B, 1, N, N, N], ...}
+    "What a perfect coarser stage would give: the ground truth area-averaged to each lower stage's grid and upsampled back (trilinear)."
+    full = tuple(target.shape[-3:])
+    return {f'oracle{n}': resize_volume(resize_volume(target, n), full) for n in dims[:-1]}
+
+def bootstrap_ci(
+    values,                  # one value per patient
+    level: float = 0.95,     # coverage of the interval
+    n_boot: int = 2000,      # bootstrap resamples
+    seed: int = 0,           # of the resampling (the interval is reproducible)
+) -> tuple:                  # (low, high) of the mean
+    "Percentile bootstrap interval of the mean over patients (resampling patients with replacement)."
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0: raise InputError("bootstrap_ci: no values")
+    means = v[np.random.default_rng(seed).integers(0, v.size, (n_boot, v.size))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))

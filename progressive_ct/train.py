@@ -22,15 +22,16 @@ import progressive_ct
 from .geometry import Geometry, InputError
 from .volumes import atomic_write
 from .dataset import CTDataset, collate, load_metadata, prepare, radiograph_reference, META_FILE
-from .cascade import ProgressiveCascadeModel
+from .cascade import ProgressiveCascadeModel, crop_slices, paste_crop, random_crop, resize_volume
 from .losses import STAGE_LOSSES
 from .metrics import psnr3d, ssim3d
 from .config import Config, load_config, resolve_path
 
 # %% auto #0
-__all__ = ['ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader', 'build_model', 'save_weights', 'load_weights',
-           'load_stage_weights', 'validate', 'MetricLog', 'train', 'add_train_arguments', 'parse_stages',
-           'run_training', 'command_main', 'main']
+__all__ = ['END_TO_END', 'ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader', 'build_model', 'save_weights',
+           'load_weights', 'load_stage_weights', 'validate', 'MetricLog', 'phase_name', 'phase_schedule',
+           'default_stages', 'final_weights', 'train', 'add_train_arguments', 'parse_stages', 'run_training',
+           'command_main', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -93,7 +94,7 @@ def build_model(
                          f"({meta['xray_size']} px): prepare the dataset again or change the config")
     if meta['resolution'] < cfg.voxel_dims[-1]:
         raise InputError(f"training.stage3.voxel_dim {cfg.voxel_dims[-1]} exceeds the dataset's stored resolution {meta['resolution']}")
-    return ProgressiveCascadeModel(**cfg.model_kwargs(), geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'])
+    return ProgressiveCascadeModel(cfg.model_config(), Geometry.from_dict(meta['geometry']), meta['fov_mm'])
 
 def save_weights(
     model: torch.nn.Module,  # the (unwrapped) model
@@ -208,9 +209,28 @@ def _read_json(path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
 
 # %% ../nbs/10_train.ipynb #eed98ea9
+END_TO_END = 4   # the end-to-end phase runs as a fourth step of the schedule: every stage trained together
+
+def phase_name(k: int) -> str:
+    "'stage1' .. 'stage3', or 'end_to_end': the name of a step of the schedule (and of its weights files)."
+    return f'stage{k}' if k <= 3 else 'end_to_end'
+
+def phase_schedule(cfg: Config, k: int):
+    "The schedule of a step: `training.stageK`, or `training.end_to_end`."
+    return cfg.stage(k) if k <= 3 else cfg.training.end_to_end
+
+def default_stages(cfg: Config) -> tuple:
+    "The seed's schedule, stages 1, 2, 3, then the end-to-end phase where `training.end_to_end.num_epochs` asks for it."
+    return (1, 2, 3) + ((END_TO_END,) if cfg.training.end_to_end.num_epochs > 0 else ())
+
+def final_weights(out) -> Path:
+    "The weights a finished run ends with: the end-to-end phase's best if it ran, else stage 3's best."
+    e2e = Path(out) / f'{phase_name(END_TO_END)}_best.safetensors'
+    return e2e if e2e.is_file() else Path(out) / 'stage3_best.safetensors'
+
 def train(
     cfg: Config,                  # the run's configuration
-    stages=(1, 2, 3),             # stages to train, in order
+    stages=None,                  # stages to train, in order: 1, 2, 3 and 4 (the end-to-end phase); default: `default_stages(cfg)`
     resume: bool = False,         # continue from the last saved state in checkpoints.save_dir
     cpu: bool = False,            # force the CPU even where a GPU is present
     progress_bar: bool = True,    # tqdm bars on the main process
@@ -218,6 +238,7 @@ def train(
 ) -> dict:                        # per stage: best epoch and validation metrics
     "Train the cascade stage by stage with accelerate; returns what each stage reached."
     t = cfg.training
+    stages = default_stages(cfg) if stages is None else tuple(stages)
     out = resolve_path(cfg.checkpoints.save_dir)
     tb = importlib.util.find_spec('tensorboard') is not None
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -242,8 +263,8 @@ def train(
     results = dict(progress.get('results', {}))
     for k in stages:
         if k in progress.get('stages_done', []):
-            say(f"stage {k}: done in an earlier run ({out / f'stage{k}_best.safetensors'})"); continue
-        results[f'stage{k}'] = _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar)
+            say(f"{phase_name(k)}: done in an earlier run ({out / f'{phase_name(k)}_best.safetensors'})"); continue
+        results[phase_name(k)] = _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar)
         progress = {'stages_done': sorted(set(progress.get('stages_done', [])) | {k}), 'results': results}
         if accelerator.is_main_process:
             atomic_write(progress_file, lambda p: Path(p).write_text(json.dumps(progress, indent=2)))
@@ -256,21 +277,49 @@ def _model_record(model, meta) -> dict:
     "What inference needs beside the weights: the model's own arguments (geometry included) and the radiograph calibration."
     return {'model': json.loads(json.dumps(model.config)), 'radiograph_reference': meta.get('radiograph_reference')}
 
+def _step_crop(s, n, seed, epoch, index):
+    "The random sub-volume of a refiner's training step (None: the whole grid); a function of (seed, epoch, batch), so resumed runs draw the same."
+    if s.crop_size is None or s.crop_size >= n: return None
+    return random_crop(n, s.crop_size, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index))
+
+def _stage_loss(k, cfg, meta):
+    "Stage k's loss with the weights of `loss.stageK`."
+    w = cfg.stage_loss(k)
+    return STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
+                           geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
+                           vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+
+def _stage_step(wrapped, batch, losses, accelerator, crop):
+    """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
+    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage."""
+    upto = 3 if len(losses) > 1 else losses[0].stage
+    with accelerator.autocast():
+        vols = wrapped(batch['xray'], upto=upto, crop=crop)
+    n = batch['ct'].shape[-1]                       # the loader gives the last stage's grid
+    total, terms = 0.0, {}
+    for loss_fn, vol in zip(losses, vols[-len(losses):]):
+        last = vol is vols[-1]
+        target = batch['ct'][(slice(None),) * 2 + crop_slices(n, crop)] if last else resize_volume(batch['ct'], vol.shape[-1])
+        full = None
+        if last and crop is not None and loss_fn.drr is not None:
+            full = paste_crop(resize_volume(vols[-2].detach().float(), n), vol, crop)
+        loss, t = loss_fn(vol, target, batch['xray'], full=full)
+        total = total + loss
+        terms |= t if len(losses) == 1 else {f'stage{loss_fn.stage}_{k}': v for k, v in t.items()}
+    return total, terms
+
 def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar):
     "One stage: freeze the rest, load the previous best, train, validate, save; resumable at epoch boundaries."
     from tqdm.auto import tqdm
-    t, s = cfg.training, cfg.stage(k)
-    n = cfg.voxel_dims[k - 1]
+    t, s, phase = cfg.training, phase_schedule(cfg, k), phase_name(k)
+    n = cfg.voxel_dims[min(k, 3) - 1]
     model = accelerator.unwrap_model(model)
     if k > 1:
-        prev = out / f'stage{k - 1}_best.safetensors'
-        if not prev.is_file(): raise InputError(f"stage {k}: needs stage {k - 1}'s weights {prev}; train stage {k - 1} first (--stages {k - 1},{k})")
-        load_stage_weights(model, prev, range(1, k))
-    model.set_stage(k)
-    w = cfg.stage_loss(k)
-    loss_fn = STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
-                              geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
-                              vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+        prev = out / f'{phase_name(k - 1)}_best.safetensors'
+        if not prev.is_file(): raise InputError(f"{phase}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
+        load_stage_weights(model, prev, range(1, min(k, 3)))
+    model.set_stage(k if k <= 3 else 'all')
+    losses = [_stage_loss(j, cfg, meta) for j in ((k,) if k <= 3 else (1, 2, 3))]
     train_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers)
     val_dl = stage_loader(data, 'val', n, s.batch_size, t.seed, cfg.data.num_workers, shuffle=False)
     if len(val_dl.dataset) == 0: val_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, 0, shuffle=False)
@@ -279,36 +328,34 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
     total = max(1, steps_per_epoch * s.num_epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, t.warmup_fraction))
     wrapped, opt, train_dl, val_dl, sched = accelerator.prepare(model, opt, train_dl, val_dl, sched)
-    loss_fn = loss_fn.to(accelerator.device)
+    losses = [l.to(accelerator.device) for l in losses]
     # resume: the state saved in this stage, if the progress says so
     state = progress.get('state') if progress.get('stage') == k else None
     start, best = 0, progress.get('best', {'psnr': -math.inf}) if state else {'psnr': -math.inf}
     if state:
         accelerator.load_state(str(out / 'state'))
         start = progress['epoch']
-        say(f"stage {k}: resumed after epoch {start} from {out / 'state'}")
-    say(f"stage {k}: {n}³ from {meta['xray_size']}² radiographs, {len(train_dl.dataset)} training / {len(val_dl.dataset)} validation "
+        say(f"{phase}: resumed after epoch {start} from {out / 'state'}")
+    say(f"{phase}: {n}³ from {meta['xray_size']}² radiographs, {len(train_dl.dataset)} training / {len(val_dl.dataset)} validation "
         f"patients, {s.num_epochs} epochs × {len(train_dl)} batches of {s.batch_size} on {accelerator.num_processes} process(es), "
         f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters")
     bad_in_row, skipped = progress.get('bad_in_row', 0) if state else 0, progress.get('skipped', 0) if state else 0
     step = start * steps_per_epoch
     for epoch in range(start, s.num_epochs):
-        wrapped.train(); model.set_stage(k)                       # frozen parts back to eval mode
+        wrapped.train(); model.set_stage(model.stage)             # frozen parts back to eval mode
         train_dl.set_epoch(epoch)
-        bar = tqdm(train_dl, desc=f'stage {k} epoch {epoch + 1}/{s.num_epochs}', disable=not (progress_bar and accelerator.is_local_main_process), leave=False)
+        bar = tqdm(train_dl, desc=f'{phase} epoch {epoch + 1}/{s.num_epochs}', disable=not (progress_bar and accelerator.is_local_main_process), leave=False)
         sums, count = {}, 0
         for batch in bar:
             with accelerator.accumulate(wrapped):
-                with accelerator.autocast():
-                    pred = wrapped(batch['xray'], upto=k)[-1]
-                loss, terms = loss_fn(pred, batch['ct'], batch['xray'])
+                loss, terms = _stage_step(wrapped, batch, losses, accelerator, _step_crop(s, n, t.seed, epoch, count))
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction='sum').item() == accelerator.num_processes
                 if not finite:
                     bad_in_row += 1; skipped += 1
                     opt.zero_grad(set_to_none=True)
                     if bad_in_row >= t.max_nonfinite_steps:
                         _save_progress(accelerator, out, k, epoch, best, bad_in_row, skipped, progress)
-                        raise RuntimeError(f"stage {k}: {bad_in_row} non-finite losses in a row (epoch {epoch + 1}); stopped. "
+                        raise RuntimeError(f"{phase}: {bad_in_row} non-finite losses in a row (epoch {epoch + 1}); stopped. "
                                            f"The last good state is in {out / 'state'}: lower the learning rate or check the data, then --resume")
                     continue
                 bad_in_row = 0
@@ -318,30 +365,30 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
                 opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             if accelerator.sync_gradients: step += 1
             count += 1
-            for name, v in {'loss': loss.detach(), **terms}.items(): sums[name] = sums.get(name, 0.0) + float(v)
+            for term, v in {'loss': loss.detach(), **terms}.items(): sums[term] = sums.get(term, 0.0) + float(v)
             bar.set_postfix(loss=f'{float(loss.detach()):.4f}')
-        train_means = {f'train_{name}': v / max(1, count) for name, v in sums.items()}
-        val = validate(wrapped, val_dl, k, accelerator)
+        train_means = {f'train_{term}': v / max(1, count) for term, v in sums.items()}
+        val = validate(wrapped, val_dl, min(k, 3), accelerator)
         metrics_log(k, epoch + 1, step, {**train_means, 'val_psnr': val['psnr'], 'val_ssim': val['ssim'],
                                          'lr': sched.get_last_lr()[0], 'skipped_steps': skipped})
         info = {'stage': k, 'epoch': epoch + 1, 'metrics': {'val_psnr': val['psnr'], 'val_ssim': val['ssim'], **train_means},
                 'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)}
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_weights(model, out / f'stage{k}_last.safetensors', info)
+            save_weights(model, out / f'{phase}_last.safetensors', info)
             if val['psnr'] > best['psnr']:
                 best = {'psnr': val['psnr'], 'ssim': val['ssim'], 'epoch': epoch + 1}
-                save_weights(model, out / f'stage{k}_best.safetensors', info)
+                save_weights(model, out / f'{phase}_best.safetensors', info)
         best = _broadcast(best, accelerator)
-        say(f"stage {k} epoch {epoch + 1}/{s.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
+        say(f"{phase} epoch {epoch + 1}/{s.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
             f"val PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}" + (f" ({skipped} non-finite steps skipped)" if skipped else ''))
         if (epoch + 1) % cfg.checkpoints.save_every == 0 or epoch + 1 == s.num_epochs:
             _save_progress(accelerator, out, k, epoch + 1, best, bad_in_row, skipped, progress)
     if s.num_epochs == 0 and accelerator.is_main_process:     # nothing to train: the stage as initialised is its best
-        save_weights(model, out / f'stage{k}_best.safetensors', {'stage': k, 'epoch': 0, 'metrics': {}, 'config': cfg.to_dict(),
+        save_weights(model, out / f'{phase}_best.safetensors', {'stage': k, 'epoch': 0, 'metrics': {}, 'config': cfg.to_dict(),
                                                                  'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)})
     accelerator.wait_for_everyone()
-    say(f"stage {k} done: best val PSNR {best['psnr']:.2f} dB (epoch {best.get('epoch', 0)}) -> {out / f'stage{k}_best.safetensors'}")
+    say(f"{phase} done: best val PSNR {best['psnr']:.2f} dB (epoch {best.get('epoch', 0)}) -> {out / f'{phase}_best.safetensors'}")
     accelerator.free_memory()
     return {k2: v for k2, v in best.items()}
 
@@ -363,26 +410,34 @@ def _save_progress(accelerator, out, stage, epoch, best, bad_in_row, skipped, pr
 
 # %% ../nbs/10_train.ipynb #aaf2d9f9
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "The training flags: --config, --stages, --resume, --cpu."
+    "The training flags: --config, --stages, --end-to-end, --resume, --cpu."
     p.add_argument('--config', type=Path, required=True, help='JSON configuration (see configs/)')
-    p.add_argument('--stages', default='1,2,3', help='stages to train, in order (default 1,2,3)')
+    p.add_argument('--stages', help='stages to train, in order, from 1,2,3,e2e (default 1,2,3, and e2e when training.end_to_end.num_epochs > 0)')
+    p.add_argument('--end-to-end', type=int, metavar='EPOCHS', help='after the stages, fine-tune every stage together for EPOCHS epochs '
+                   '(each stage keeps its own loss: deep supervision); sets training.end_to_end.num_epochs')
     p.add_argument('--resume', action='store_true', help='continue from the last saved state in checkpoints.save_dir')
     p.add_argument('--cpu', action='store_true', help='train on the CPU even where a GPU is present')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     return p
 
 def parse_stages(text: str) -> tuple:
-    "'1,2,3' -> (1, 2, 3); each stage once, in increasing order."
-    try: st = tuple(int(x) for x in str(text).split(',') if x.strip())
-    except ValueError: raise InputError(f"--stages {text!r}: expected stage numbers like 1,2,3") from None
-    if not st or any(k not in (1, 2, 3) for k in st) or list(st) != sorted(set(st)):
-        raise InputError(f"--stages {text!r}: expected stages from 1, 2, 3, each once, in order")
+    "'1,2,3' -> (1, 2, 3), 'e2e' -> (4,): each once, in increasing order."
+    names = {'1': 1, '2': 2, '3': 3, 'e2e': END_TO_END}
+    st = tuple(names.get(x.strip().lower(), x.strip()) for x in str(text).split(',') if x.strip())
+    if not st or any(k not in names.values() for k in st) or list(st) != sorted(set(st)):
+        raise InputError(f"--stages {text!r}: expected stages from 1, 2, 3, e2e, each once, in order")
     return st
 
 def run_training(args) -> dict:
     "Train from parsed arguments (used by both entry points)."
     cfg = load_config(args.config)
-    return train(cfg, parse_stages(args.stages), resume=args.resume, cpu=args.cpu, progress_bar=not args.no_progress)
+    if args.end_to_end is not None:
+        if args.end_to_end < 1: raise InputError(f"--end-to-end {args.end_to_end}: expected a number of epochs of at least 1")
+        cfg.training.end_to_end.num_epochs = args.end_to_end
+    stages = parse_stages(args.stages) if args.stages else default_stages(cfg)
+    if END_TO_END in stages and cfg.training.end_to_end.num_epochs == 0:
+        raise InputError("--stages e2e: training.end_to_end.num_epochs is 0; set it or give --end-to-end EPOCHS")
+    return train(cfg, stages, resume=args.resume, cpu=args.cpu, progress_bar=not args.no_progress)
 
 def command_main(
     prog: str,            # the command's name in messages
@@ -402,7 +457,7 @@ def command_main(
     return 0
 
 def main(argv=None) -> int:
-    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--resume]`; exit 2 on bad input."
+    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--end-to-end EPOCHS] [--resume]`; exit 2 on bad input."
     return command_main('progressive_ct.train', 'Train the progressive cascade.', add_train_arguments, run_training, argv)
 
 # %% ../nbs/10_train.ipynb #292b3f10
