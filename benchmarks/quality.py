@@ -171,20 +171,10 @@ def main():
 
 
 def report(results) -> str:
-    "The benchmark's table: every arm's stages and the yardsticks at the top grid, with intervals."
-    top = results['dims'][-1]
-    f = lambda r, m, d=2: f"{r[m]:.{d}f} [{r[m + '_ci'][0]:.{d}f}, {r[m + '_ci'][1]:.{d}f}]"
-    lines = [f"{results['n_test']} test patients; at the top grid {top}³. {results['data_range']}",
-             f"{'row':34s} {'train s':>7s}  {'PSNR dB':>21s}  {'SSIM':>21s}  {'MAE HU':>18s}  {'own-grid PSNR':>21s}"]
-    for name, r in results['yardsticks'].items():
-        lines.append(f"{name:34s} {'':>7s}  {f(r, 'psnr'):>21s}  {f(r, 'ssim', 3):>21s}  {f(r, 'mae_hu', 1):>18s}")
-    for arm, a in results['arms'].items():
-        for k in (1, 2, 3):
-            r = a[f'stage{k}']
-            sec = f"{a['train_seconds']:7.0f}" if k == 3 else f"{'':7s}"
-            lines.append(f"{f'arm {arm}, stage {k}':34s} {sec}  {f(r, 'psnr'):>21s}  {f(r, 'ssim', 3):>21s}  "
-                         f"{f(r, 'mae_hu', 1):>18s}  {f(r, 'psnr_own'):>21s}")
-    return '\n'.join(lines)
+    "The benchmark's tables: each arm's stages beside the yardsticks (the quickstart's table), with its training time."
+    from progressive_ct.quickstart import format_table
+    return '\n\n'.join(f"arm {arm}: {a['what']}; trained {a['train_seconds']:.0f} s, epochs {a['epochs']}\n{format_table(a)}"
+                        for arm, a in results['arms'].items())
 
 
 if __name__ == '__main__':

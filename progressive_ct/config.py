@@ -44,7 +44,7 @@ class TrainingConfig:
     stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 1e-4, 64))
     stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 5e-5, 128))
     stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 2e-5, 256))
-    end_to_end: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(0, 2, 1e-5, None, 128))  # after the stages: all together (0 epochs: off)
+    end_to_end: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(0, 2, 1e-5))  # after the stages, all together (0 epochs: off); crop_size null: stage 3's
 
 @dataclass
 class StageLossConfig:
@@ -185,14 +185,12 @@ def _check(c: Config, explicit: set):
          f"{list(m.voxel_dims)} differs from training.stageK.voxel_dim {list(c.voxel_dims)}: set each stage's grid once")
     m.voxel_dims = c.voxel_dims
     e = t.end_to_end
-    need(e.voxel_dim is None or e.voxel_dim == t.stage3.voxel_dim, 'training.end_to_end.voxel_dim', "is stage 3's grid: leave it out")
-    e.voxel_dim = t.stage3.voxel_dim
+    need(e.voxel_dim is None, 'training.end_to_end.voxel_dim', "the end-to-end phase works at every stage's own grid: leave it out")
     need(e.num_epochs >= 0 and e.batch_size >= 1 and e.learning_rate > 0, 'training.end_to_end',
          "num_epochs must be 0 (off) or more, batch_size at least 1, learning_rate positive")
-    if e.crop_size is not None and e.crop_size >= e.voxel_dim: e.crop_size = None
     need(t.stage1.crop_size is None, 'training.stage1.crop_size', "stage 1 computes its whole grid: crops are for the refiners")
     for k, st in ((2, t.stage2), (3, t.stage3), (3, t.end_to_end)):
-        s, n = st.crop_size, st.voxel_dim
+        s, n = st.crop_size, c.stage(k).voxel_dim
         if s is not None:
             f = 2 ** (len(m.widths(k)) - 1)
             need(s <= n and s % f == 0, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: must be at most the grid's {n} and divisible by {f} (the U-Net halves it {len(m.widths(k)) - 1} times)")

@@ -222,7 +222,7 @@ METRIC_DEFINITIONS = {
     'ssim_2d_x2ct': f'X2CT-GAN protocol: 2D per-slice SSIM (data range {X2CT_PEAK:.0f}), mean over the slices of the three axes',
     'native': "each stage at its own grid, the ground truth area-averaged to it",
     'full': "each stage upsampled trilinearly to the full grid, against the full ground truth",
-    'oracle': "oracleN: the ground truth area-averaged to a lower stage's N³ grid and upsampled back, what a perfect stage N would give (full grid)",
+    'oracleN': "the ground truth area-averaged to a lower stage's N³ grid and upsampled back, what a perfect stage N would give (full grid)",
 }
 MODES = ('single', 'evaluate', 'files')
 FILES_WARNING = ("real radiographs are not DRRs (scatter, anti-scatter grid, detector blur and noise, vendor processing, "
@@ -248,7 +248,7 @@ def _summarise(rows: list) -> dict:
     "Mean ± std (and n) of every metric, per stage (and oracle) and grid."
     out = {}
     for r in rows:
-        row = f"stage{r['stage']}" if isinstance(r['stage'], int) else r['stage']     # a stage, or an oracle
+        row = f"stage{r['stage']}" if r['stage'] != '' else f"oracle{r['oracle']}"   # a stage, or an oracle
         d = out.setdefault(row, {}).setdefault(r['grid'], {})
         for k, v in r.items():
             if k in METRIC_DEFINITIONS: d.setdefault(k, []).append(v)
@@ -366,11 +366,11 @@ def _run_items(model, items, upto, views, staging, out, save_nifti, log) -> dict
             m = stage_metrics(volumes, gt.float())
             for k, (s, grids) in enumerate(m.items(), 1):
                 for grid, values in grids.items():
-                    rows.append({'patient_id': item['patient_id'], 'stage': k, 'grid': grid,
+                    rows.append({'patient_id': item['patient_id'], 'stage': k, 'oracle': '', 'grid': grid,
                                  'voxels': volumes[k - 1].shape[-1] if grid == 'native' else gt.shape[-1],
                                  **{key: float(v[0]) for key, v in values.items()}})
-            for oracle, v in oracles(gt.float(), model.voxel_dims).items():   # what a perfect coarser stage would give
-                rows.append({'patient_id': item['patient_id'], 'stage': oracle, 'grid': 'full', 'voxels': gt.shape[-1],
+            for n, v in zip(model.voxel_dims, oracles(gt.float(), model.voxel_dims).values()):   # a perfect coarser stage, upsampled
+                rows.append({'patient_id': item['patient_id'], 'stage': '', 'oracle': n, 'grid': 'full', 'voxels': gt.shape[-1],
                              **{key: float(x[0]) for key, x in volume_metrics(v, gt.float()).items()}})
             last = {key: float(v[0]) for key, v in m[f'stage{upto}']['native'].items()}
             log(f"{item['patient_id']}: stage {upto} PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.3f}, MAE {last['mae_hu']:.0f} HU "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import json
 import math
@@ -216,8 +217,10 @@ def phase_name(k: int) -> str:
     return f'stage{k}' if k <= 3 else 'end_to_end'
 
 def phase_schedule(cfg: Config, k: int):
-    "The schedule of a step: `training.stageK`, or `training.end_to_end`."
-    return cfg.stage(k) if k <= 3 else cfg.training.end_to_end
+    "The schedule of a step: `training.stageK`, or `training.end_to_end` (its stage 3 on `crop_size`, by default stage 3's)."
+    if k <= 3: return cfg.stage(k)
+    e = cfg.training.end_to_end
+    return dataclasses.replace(e, crop_size=e.crop_size if e.crop_size is not None else cfg.stage(3).crop_size)
 
 def default_stages(cfg: Config) -> tuple:
     "The seed's schedule, stages 1, 2, 3, then the end-to-end phase where `training.end_to_end.num_epochs` asks for it."
@@ -317,7 +320,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
     if k > 1:
         prev = out / f'{phase_name(k - 1)}_best.safetensors'
         if not prev.is_file(): raise InputError(f"{phase}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
-        load_stage_weights(model, prev, range(1, min(k, 3)))
+        load_stage_weights(model, prev, range(1, k))             # every stage before this one (all three before the end-to-end phase)
     model.set_stage(k if k <= 3 else 'all')
     losses = [_stage_loss(j, cfg, meta) for j in ((k,) if k <= 3 else (1, 2, 3))]
     train_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers)

@@ -3,6 +3,7 @@ frozen stages, safetensors only."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +92,25 @@ def test_frozen_stages_stay_bit_identical(one_process):
         assert torch.equal(s2[k], s3[k]), k
     # and the stage that trained did change
     assert any(not torch.equal(s2[k], s3[k]) for k in s3 if k.startswith('stage3.'))
+
+
+def test_end_to_end_phase_trains_every_stage(dataset, one_process, tmp_path):
+    "--stages e2e --end-to-end 1 after the seed's schedule: every stage moves, each stage's loss is logged, its weights are the final ones."
+    shutil.copytree(one_process / 'run', tmp_path / 'run')
+    cfg = write_config(tmp_path, dataset)
+    r = run([sys.executable, '-m', 'progressive_ct.train', '--config', str(cfg), '--stages', 'e2e', '--no-progress'], cwd=tmp_path)
+    assert r.returncode == 2 and '--end-to-end' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run([sys.executable, '-m', 'progressive_ct.train', '--config', str(cfg), '--stages', 'e2e', '--end-to-end', '1',
+             '--no-progress'], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s3, e2e = weights(tmp_path, 'stage3_best'), weights(tmp_path, 'end_to_end_best')
+    for stage in ('stage1.', 'stage2.', 'stage3.', 'encoder.trunk.'):
+        assert any(not torch.equal(s3[k], e2e[k]) for k in s3 if k.startswith(stage)), stage
+    assert torch.equal(s3['stage1.mean_volume'], e2e['stage1.mean_volume'])
+    log = (tmp_path / 'run' / 'metrics.csv').read_text()
+    assert all(re.search(rf',4,1,\d+,train_stage{k}_l1,', log) for k in (1, 2, 3)), log[-1500:]
+    from progressive_ct.train import final_weights
+    assert final_weights(tmp_path / 'run').name == 'end_to_end_best.safetensors' and record(tmp_path, 'end_to_end_best')['stage'] == 4
 
 
 def test_two_processes_train_like_one(dataset, one_process, tmp_path):
