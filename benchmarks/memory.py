@@ -56,7 +56,7 @@ def _mem_available():
 def step(args):
     "One configuration, in this process: prints one JSON line."
     import warnings
-    from progressive_ct.cascade import ProgressiveCascadeModel, crop_slices, paste_crop, resize_volume
+    from progressive_ct.cascade import ProgressiveCascadeModel, paste_crop, resize_volume
     from progressive_ct.losses import Stage3Loss
     torch.manual_seed(0)
     dev = torch.device(args.device)

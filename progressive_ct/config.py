@@ -29,7 +29,7 @@ class StageTrainingConfig:
     batch_size: int = 1                      # volumes per process per step
     learning_rate: float = 1e-4              # AdamW peak learning rate (after warm-up)
     voxel_dim: typing.Optional[int] = None   # output grid N (N³ voxels); alias: target_resolution
-    crop_size: typing.Optional[int] = None   # stages 2, 3: train on random crop_size³ sub-volumes of the grid (null: the whole grid)
+    crop_size: typing.Optional[int] = None   # stages 2, 3: train on random crop_size³ sub-volumes of the grid (null, or the grid or more: the whole grid)
 
 @dataclass
 class TrainingConfig:
@@ -42,8 +42,8 @@ class TrainingConfig:
     seed: int = 42                           # seeds weights, data order and augmentation
     max_nonfinite_steps: int = 20            # stop after this many non-finite losses in a row
     stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 1e-4, 64))
-    stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 5e-5, 128))
-    stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 2e-5, 256))
+    stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 5e-5, 128, 64))
+    stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 2e-5, 256, 128))
     end_to_end: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(0, 2, 1e-5))  # after the stages, all together (0 epochs: off); crop_size null: stage 3's
 
 @dataclass
@@ -191,9 +191,9 @@ def _check(c: Config, explicit: set):
     need(t.stage1.crop_size is None, 'training.stage1.crop_size', "stage 1 computes its whole grid: crops are for the refiners")
     for k, st in ((2, t.stage2), (3, t.stage3), (3, t.end_to_end)):
         s, n = st.crop_size, c.stage(k).voxel_dim
-        if s is not None:
+        if s is not None and s < n:                                # a crop of the grid or more is the whole grid
             f = 2 ** (len(m.widths(k)) - 1)
-            need(s <= n and s % f == 0, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: must be at most the grid's {n} and divisible by {f} (the U-Net halves it {len(m.widths(k)) - 1} times)")
+            need(s % f == 0, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: must be divisible by {f} (the U-Net halves it {len(m.widths(k)) - 1} times)")
             need(s >= 16, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: below 16 voxels the SSIM term's 11-voxel window has nothing left")
     f1 = 2 ** (len(m.stage1_widths) - 1)
     need(t.stage1.voxel_dim % f1 == 0, 'training.stage1.voxel_dim',

@@ -36,13 +36,13 @@ __all__ = ['PICKLED_SUFFIXES', 'CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'DICOM_SUFFI
 PICKLED_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.pkl')
 
 def resolve_checkpoint(
-    path,    # a .safetensors weights file, or a run folder holding stageK_best.safetensors
+    path,    # a .safetensors weights file, or a run folder holding stageK_best.safetensors (or end_to_end_best.safetensors)
 ) -> Path:   # the weights file
-    "The weights file a checkpoint argument names: the file itself, or the best weights of the last stage trained in a run folder."
+    "The weights file a checkpoint argument names: the file itself, or the best weights of the last step trained in a run folder."
     p = Path(path)
     if p.is_dir():
-        for k in (3, 2, 1):
-            if (p / f'stage{k}_best.safetensors').is_file(): return p / f'stage{k}_best.safetensors'
+        for name in ('end_to_end', 'stage3', 'stage2', 'stage1'):
+            if (p / f'{name}_best.safetensors').is_file(): return p / f'{name}_best.safetensors'
         raise InputError(f"{p}: no stage3_best.safetensors (nor stage2/stage1) in this folder: is it a run's checkpoints.save_dir?")
     if not p.exists(): raise InputError(f"{p}: no such checkpoint file or run folder")
     if p.suffix.lower() in PICKLED_SUFFIXES:
@@ -300,7 +300,7 @@ def run_inference(
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     model, record = load_checkpoint(checkpoint, device)
-    upto, views = record['stage'], [v.name for v in model.geometry.views]
+    upto, views = min(record['stage'], 3), [v.name for v in model.geometry.views]   # the end-to-end phase (4) holds all three
     out = Path(output_dir)
     if out.exists() and not out.is_dir(): raise InputError(f"{out}: exists and is not a folder")
     # every input is read and checked before anything is written

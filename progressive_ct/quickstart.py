@@ -16,7 +16,7 @@ from .dataset import CTDataset, load_metadata
 from .cascade import CASCADE_TIERS, resize_volume
 from .metrics import bootstrap_ci, mae_hu, oracles, psnr3d, ssim3d
 from .config import model_section, resolve_path
-from .train import build_model, load_weights, mean_volume, stage_loader, train
+from .train import build_model, final_weights, load_weights, mean_volume, stage_loader, train
 
 # %% auto #0
 __all__ = ['STAGES', 'DATA_RANGE', 'QUICKSTART', 'evaluate_stages', 'beats_baselines', 'quality_checks', 'format_table',
@@ -159,10 +159,10 @@ def quickstart(
     data.setdefault('checkpoints', {})['save_dir'] = str(out / 'checkpoints')
     from progressive_ct.config import config_from_dict
     cfg = config_from_dict(data, str(config or 'quickstart.json'))
-    train(cfg, (1, 2, 3), resume=(out / 'checkpoints' / 'progress.json').is_file(), progress_bar=False, log=log)
+    train(cfg, resume=(out / 'checkpoints' / 'progress.json').is_file(), progress_bar=False, log=log)   # the config's schedule
     meta = load_metadata(resolve_path(cfg.data.dataset_path))
     model = build_model(cfg, meta)
-    load_weights(model, out / 'checkpoints' / 'stage3_best.safetensors')
+    load_weights(model, final_weights(out / 'checkpoints'))
     res = evaluate_stages(model, resolve_path(cfg.data.dataset_path), 'test')
     write_samples(model, resolve_path(cfg.data.dataset_path), out / 'samples')
     res['seconds'] = round(time.perf_counter() - t0, 1)
