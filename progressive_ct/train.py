@@ -30,7 +30,7 @@ from .config import Config, load_config, resolve_path
 
 # %% auto #0
 __all__ = ['END_TO_END', 'ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader', 'build_model', 'save_weights',
-           'load_weights', 'load_stage_weights', 'validate', 'MetricLog', 'phase_name', 'phase_schedule',
+           'load_weights', 'load_stage_weights', 'validate', 'MetricLog', 'phase_name', 'phase_title', 'phase_schedule',
            'default_stages', 'final_weights', 'train', 'add_train_arguments', 'parse_stages', 'run_training',
            'command_main', 'main']
 
@@ -216,6 +216,10 @@ def phase_name(k: int) -> str:
     "'stage1' .. 'stage3', or 'end_to_end': the name of a step of the schedule (and of its weights files)."
     return f'stage{k}' if k <= 3 else 'end_to_end'
 
+def phase_title(k: int) -> str:
+    "'stage 1' .. 'stage 3', or 'end-to-end phase': a step of the schedule in messages."
+    return f'stage {k}' if k <= 3 else 'end-to-end phase'
+
 def phase_schedule(cfg: Config, k: int):
     "The schedule of a step: `training.stageK`, or `training.end_to_end` (its stage 3 on `crop_size`, by default stage 3's)."
     if k <= 3: return cfg.stage(k)
@@ -266,7 +270,7 @@ def train(
     results = dict(progress.get('results', {}))
     for k in stages:
         if k in progress.get('stages_done', []):
-            say(f"{phase_name(k)}: done in an earlier run ({out / f'{phase_name(k)}_best.safetensors'})"); continue
+            say(f"{phase_title(k)}: done in an earlier run ({out / f'{phase_name(k)}_best.safetensors'})"); continue
         results[phase_name(k)] = _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar)
         progress = {'stages_done': sorted(set(progress.get('stages_done', [])) | {k}), 'results': results}
         if accelerator.is_main_process:
@@ -315,11 +319,12 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
     "One stage: freeze the rest, load the previous best, train, validate, save; resumable at epoch boundaries."
     from tqdm.auto import tqdm
     t, s, phase = cfg.training, phase_schedule(cfg, k), phase_name(k)
+    title = phase_title(k)                                    # in messages; `phase` names the files
     n = cfg.voxel_dims[min(k, 3) - 1]
     model = accelerator.unwrap_model(model)
     if k > 1:
         prev = out / f'{phase_name(k - 1)}_best.safetensors'
-        if not prev.is_file(): raise InputError(f"{phase}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
+        if not prev.is_file(): raise InputError(f"{title}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
         load_stage_weights(model, prev, range(1, k))             # every stage before this one (all three before the end-to-end phase)
     model.set_stage(k if k <= 3 else 'all')
     losses = [_stage_loss(j, cfg, meta) for j in ((k,) if k <= 3 else (1, 2, 3))]
@@ -338,8 +343,8 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
     if state:
         accelerator.load_state(str(out / 'state'))
         start = progress['epoch']
-        say(f"{phase}: resumed after epoch {start} from {out / 'state'}")
-    say(f"{phase}: {n}³ from {meta['xray_size']}² radiographs, {len(train_dl.dataset)} training / {len(val_dl.dataset)} validation "
+        say(f"{title}: resumed after epoch {start} from {out / 'state'}")
+    say(f"{title}: {n}³ from {meta['xray_size']}² radiographs, {len(train_dl.dataset)} training / {len(val_dl.dataset)} validation "
         f"patients, {s.num_epochs} epochs × {len(train_dl)} batches of {s.batch_size} on {accelerator.num_processes} process(es), "
         f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters")
     bad_in_row, skipped = progress.get('bad_in_row', 0) if state else 0, progress.get('skipped', 0) if state else 0
@@ -347,7 +352,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
     for epoch in range(start, s.num_epochs):
         wrapped.train(); model.set_stage(model.stage)             # frozen parts back to eval mode
         train_dl.set_epoch(epoch)
-        bar = tqdm(train_dl, desc=f'{phase} epoch {epoch + 1}/{s.num_epochs}', disable=not (progress_bar and accelerator.is_local_main_process), leave=False)
+        bar = tqdm(train_dl, desc=f'{title} epoch {epoch + 1}/{s.num_epochs}', disable=not (progress_bar and accelerator.is_local_main_process), leave=False)
         sums, count = {}, 0
         for batch in bar:
             with accelerator.accumulate(wrapped):
@@ -358,7 +363,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
                     opt.zero_grad(set_to_none=True)
                     if bad_in_row >= t.max_nonfinite_steps:
                         _save_progress(accelerator, out, k, epoch, best, bad_in_row, skipped, progress)
-                        raise RuntimeError(f"{phase}: {bad_in_row} non-finite losses in a row (epoch {epoch + 1}); stopped. "
+                        raise RuntimeError(f"{title}: {bad_in_row} non-finite losses in a row (epoch {epoch + 1}); stopped. "
                                            f"The last good state is in {out / 'state'}: lower the learning rate or check the data, then --resume")
                     continue
                 bad_in_row = 0
@@ -383,7 +388,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
                 best = {'psnr': val['psnr'], 'ssim': val['ssim'], 'epoch': epoch + 1}
                 save_weights(model, out / f'{phase}_best.safetensors', info)
         best = _broadcast(best, accelerator)
-        say(f"{phase} epoch {epoch + 1}/{s.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
+        say(f"{title} epoch {epoch + 1}/{s.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
             f"val PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}" + (f" ({skipped} non-finite steps skipped)" if skipped else ''))
         if (epoch + 1) % cfg.checkpoints.save_every == 0 or epoch + 1 == s.num_epochs:
             _save_progress(accelerator, out, k, epoch + 1, best, bad_in_row, skipped, progress)
@@ -391,7 +396,7 @@ def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_
         save_weights(model, out / f'{phase}_best.safetensors', {'stage': k, 'epoch': 0, 'metrics': {}, 'config': cfg.to_dict(),
                                                                  'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)})
     accelerator.wait_for_everyone()
-    say(f"{phase} done: best val PSNR {best['psnr']:.2f} dB (epoch {best.get('epoch', 0)}) -> {out / f'{phase}_best.safetensors'}")
+    say(f"{title} done: best val PSNR {best['psnr']:.2f} dB (epoch {best.get('epoch', 0)}) -> {out / f'{phase}_best.safetensors'}")
     accelerator.free_memory()
     return {k2: v for k2, v in best.items()}
 
