@@ -40,7 +40,7 @@ def child(config, stage, steps, device):
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     B, n = cfg.stage(stage).batch_size, dims[stage - 1]
     xray = torch.rand(B, 2, 1, S, S, device=device) * 0.5
-    c = cfg.stage(stage).crop_size or n                  # a refiner trains on crop_size³ sub-volumes, as the trainer does
+    c = min(cfg.stage(stage).crop_size or n, n)          # a refiner trains on crop_size³ sub-volumes, as the trainer does
     ct = torch.rand(B, 1, c, c, c, device=device)
     gen = torch.Generator().manual_seed(0)
     times = []
