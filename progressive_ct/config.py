@@ -189,12 +189,12 @@ def _check(c: Config, explicit: set):
     need(e.num_epochs >= 0 and e.batch_size >= 1 and e.learning_rate > 0, 'training.end_to_end',
          "num_epochs must be 0 (off) or more, batch_size at least 1, learning_rate positive")
     need(t.stage1.crop_size is None, 'training.stage1.crop_size', "stage 1 computes its whole grid: crops are for the refiners")
-    for k, st in ((2, t.stage2), (3, t.stage3), (3, t.end_to_end)):
-        s, n = st.crop_size, c.stage(k).voxel_dim
+    for k, section in ((2, 'stage2'), (3, 'stage3'), (3, 'end_to_end')):
+        s, n, key = getattr(t, section).crop_size, c.stage(k).voxel_dim, f'training.{section}.crop_size'
         if s is not None and s < n:                                # a crop of the grid or more is the whole grid
             f = 2 ** (len(m.widths(k)) - 1)
-            need(s % f == 0, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: must be divisible by {f} (the U-Net halves it {len(m.widths(k)) - 1} times)")
-            need(s >= 16, f'training.{"end_to_end" if st is t.end_to_end else f"stage{k}"}.crop_size', f"{s}: below 16 voxels the SSIM term's 11-voxel window has nothing left")
+            need(s % f == 0, key, f"{s}: must be divisible by {f} (the U-Net halves it {len(m.widths(k)) - 1} times)")
+            need(s >= 16, key, f"{s}: below 16 voxels the SSIM term's 11-voxel window has nothing left")
     f1 = 2 ** (len(m.stage1_widths) - 1)
     need(t.stage1.voxel_dim % f1 == 0, 'training.stage1.voxel_dim',
          f"{t.stage1.voxel_dim} is not divisible by {f1}: stage 1's U-Net halves it {len(m.stage1_widths) - 1} times")
