@@ -1,6 +1,7 @@
 """Speed of the data pipeline: `prepare` time per patient, and samples/s loaded from disk.
 
     python benchmarks/data.py [--patients 16] [--workers 2] [--sizes 128 256] [--epochs 3] [--skip-nifti]
+    python benchmarks/data.py --stage-rates configs/quickstart.json configs/config_progressive.json   # section 4 only
 
 1. prepare: built-in phantoms at each size N (radiographs 2N x 2N, as the seed's tiers), `--patients` of them with
    `--workers` processes: wall time per patient, and the mean time one patient takes in a worker (phantom generation,
@@ -13,7 +14,13 @@
 3. storage at 128³: ms per sample in one process for the column encodings the issue compared: binary int16 HU (what
    `prepare` stores), binary float16, and datasets' `Array3D` float16 read with the numpy and the torch formats.
 
-Writes benchmarks/results/data.json. Run by hand, never in CI.
+4. stage rates (`--stage-rates CONFIG ...`): for each stage of a config, on phantoms built at its data settings, the
+   trainer's loader (`stage_loader`: its batch size, `data.num_workers` workers, the stage grids stored by `cache_grids`)
+   in samples/s from the page cache, beside the same loader pooling the stored grid per sample (no stored grids), and
+   beside that stage's training step in samples/s on this machine (`measure_step`: forward, loss, backward, AdamW).
+   The loader must run at least 5x the step. Both are measured alone: in training they share the cores.
+
+Writes benchmarks/results/data.json (section 4 alone updates its `stage_rates` and keeps the rest). Run by hand, never in CI.
 """
 import argparse
 import json
@@ -142,6 +149,54 @@ def bench_storage(root: Path, n: int = 128, rows: int = 8, reps: int = 3) -> lis
     return out
 
 
+def loader_rate(path: Path, n: int, batch_size: int, workers: int, epochs: int) -> float:
+    "Samples/s of the trainer's loader over the train split: median over the epochs after the first (workers started, page cache warm)."
+    from progressive_ct.train import stage_loader
+    loader = stage_loader(path, 'train', n, batch_size, seed=0, num_workers=workers)
+    rates = []
+    for e in range(epochs):
+        loader.sampler.set_epoch(e)
+        t0, count = time.perf_counter(), 0
+        for batch in loader: count += batch['ct'].shape[0]
+        rates.append(count / (time.perf_counter() - t0))
+    del loader
+    return statistics.median(rates[1:])
+
+
+def bench_stage_rates(root: Path, config: str, patients: int, workers: int, epochs: int = 4, steps: int = 3) -> list:
+    from dataclasses import asdict
+    from progressive_ct.config import load_config
+    from progressive_ct.dataset import GRIDS_DIR, cache_grids, load_metadata
+    from progressive_ct.train import make_accelerator, measure_step, phase_grid
+    cfg = load_config(config)
+    cfg.loss.allow_random_vgg = True                                   # offline here; the same cost
+    tier, path = Path(config).stem, root / f'rates_{Path(config).stem}'
+    data = {**asdict(cfg.data), 'train_split': 1.0, 'val_split': 0.0, 'test_split': 0.0, 'num_workers': workers}
+    prepare('phantoms', path, num_patients=patients, config=data, progress=False, log=lambda *a: None)
+    cache_grids(path, cfg.voxel_dims, log=lambda *a: None)
+    meta, acc, rows = load_metadata(path), make_accelerator(cfg, cpu=True), []
+    for k in (1, 2, 3):
+        n, B = phase_grid(cfg, k), cfg.stage(k).batch_size
+        cached = loader_rate(path, n, B, workers, epochs)
+        pooled = None
+        if n < meta['resolution']:                                     # the same loader without the stored grids
+            (path / GRIDS_DIR).rename(path / 'grids_hidden')
+            try: pooled = loader_rate(path, n, B, workers, epochs)
+            finally: (path / 'grids_hidden').rename(path / GRIDS_DIR)
+        step = measure_step(cfg, k, meta, acc, steps)
+        row = {'config': Path(config).name, 'stage': k, 'grid': n, 'stored': meta['resolution'], 'xray': meta['xray_size'],
+               'batch_size': B, 'workers': workers, 'patients': patients,
+               'loader_samples_per_s': round(cached, 2), 'loader_pooling_per_sample_samples_per_s': None if pooled is None else round(pooled, 2),
+               'step_samples_per_s': step['samples_per_s'], 'step_s': step['step_s'], 'crop': step['crop'],
+               'loader_over_step': round(cached / step['samples_per_s'], 1)}
+        rows.append(row)
+        print(f"{tier} stage {k}: {n}³ (stored {meta['resolution']}³), batch {B}: loader {cached:.1f} samples/s with {workers} workers "
+              f"(pooling per sample: {'-' if pooled is None else f'{pooled:.1f}'}) | training step {step['samples_per_s']:.2f} samples/s "
+              f"({step['step_s']:.2f} s/step) -> loader {row['loader_over_step']:.1f}x the step")
+    shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--patients', type=int, default=16)
@@ -150,6 +205,7 @@ def main():
     ap.add_argument('--epochs', type=int, default=3)
     ap.add_argument('--nifti-patients', type=int, default=2)
     ap.add_argument('--skip-nifti', action='store_true')
+    ap.add_argument('--stage-rates', nargs='+', metavar='CONFIG', help='only section 4, for these configs')
     ap.add_argument('--workdir', type=Path, default=None, help='scratch folder (default: a temporary one, deleted)')
     ap.add_argument('--out', type=Path, default=Path(__file__).parent / 'results' / 'data.json')
     args = ap.parse_args()
@@ -157,6 +213,15 @@ def main():
     root = Path(args.workdir or tempfile.mkdtemp(prefix='pct_data_bench_'))
     root.mkdir(parents=True, exist_ok=True)
     try:
+        if args.stage_rates:
+            result = json.loads(args.out.read_text()) if args.out.is_file() else {'benchmark': 'data pipeline: prepare and loading'}
+            result['stage_rates'] = {'machine': platform.platform(), 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
+                                     'load_average_at_start': [round(v, 2) for v in os.getloadavg()],
+                                     'rows': [r for c in args.stage_rates for r in bench_stage_rates(root, c, args.patients, args.workers)]}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + '\n')
+            print(f"wrote {args.out}")
+            return
         result = {'benchmark': 'data pipeline: prepare and loading', 'machine': platform.platform(), 'cpu_count': os.cpu_count(),
                   'load_average_at_start': [round(v, 2) for v in os.getloadavg()],
                   'torch': torch.__version__, 'datasets': datasets.__version__, 'prepare': [], 'loading': [], 'storage': []}

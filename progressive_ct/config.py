@@ -41,6 +41,10 @@ class TrainingConfig:
     mixed_precision: str = 'no'              # 'no', 'fp16' or 'bf16' (accelerate's mixed precision)
     seed: int = 42                           # seeds weights, data order and augmentation
     max_nonfinite_steps: int = 20            # stop after this many non-finite losses in a row
+    log_every: int = 50                      # read the step counters (non-finite checks, progress bar) every k steps: the only host sync of the loop
+    channels_last: bool = False              # channels-last 3D memory format for the convolutions (GPUs with tensor cores)
+    compile: bool = False                    # torch.compile the stage being trained (first steps slower while it compiles)
+    cudnn_benchmark: bool = True             # let cuDNN pick the fastest convolution algorithms for the fixed shapes (GPU)
     stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 1e-4, 64))
     stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 5e-5, 128, 64))
     stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 2e-5, 256, 128))

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
@@ -24,10 +25,10 @@ from .volumes import HU_PLUS_1024_POLICIES, ingest_ct, ipl_affine
 
 # %% auto #0
 __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS',
-           'DataConfig', 'load_data_config', 'dataset_geometry', 'Source', 'find_sources', 'radiographs',
+           'GRIDS_DIR', 'DataConfig', 'load_data_config', 'dataset_geometry', 'Source', 'find_sources', 'radiographs',
            'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare', 'load_metadata',
-           'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'radiograph_reference', 'prepare_command',
-           'add_prepare_parser', 'main']
+           'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'grid_file', 'cache_grids',
+           'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'main']
 
 # %% ../nbs/04_dataset.ipynb #91fc595d
 SOURCES = ('phantoms', 'nifti', 'dicom')
@@ -557,7 +558,7 @@ class CTDataset(torch.utils.data.Dataset):
             raise InputError(f"resolution {resolution}: must be between 1 and the stored {self.top}")
         self.resolution = n
         self.patient_ids = list(self.meta['splits'][split])
-        self._rows = None
+        self._rows, self._grid = None, None
 
     @property
     def geometry(self) -> Geometry: return Geometry.from_dict(self.meta['geometry'])
@@ -567,7 +568,7 @@ class CTDataset(torch.utils.data.Dataset):
         "Voxel size (mm) of a cube of `n` voxels a side (default: this dataset's resolution)."
         return self.meta['fov_mm'] / (n or self.resolution)
 
-    def __getstate__(self): return {**self.__dict__, '_rows': None}   # each worker opens its own memory map
+    def __getstate__(self): return {**self.__dict__, '_rows': None, '_grid': None}   # each worker opens its own memory maps
 
     def rows(self):
         "The split's Arrow rows (opened on first use)."
@@ -576,12 +577,23 @@ class CTDataset(torch.utils.data.Dataset):
             self._rows = datasets.load_from_disk(str(self.path / self.split)).with_format('arrow')
         return self._rows
 
+    def grid(self):
+        "The split's CT at this resolution from `cache_grids`' file (a memory map), or None where none is stored."
+        if self._grid is None and self.resolution != self.top:
+            f = grid_file(self.path, self.split, self.resolution)
+            if f.is_file():
+                g = np.load(f, mmap_mode='r')
+                if g.shape == (len(self), *(self.resolution,) * 3) and g.dtype == np.float32: self._grid = g
+        return self._grid
+
     def __len__(self): return len(self.patient_ids)
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows()[int(i)]                                   # a one-row pyarrow Table: no copy yet
-        ct = stored_ct_to_unit(_row_array(row, 'ct'))
-        if self.resolution != self.top:
+        grid = self.grid()
+        if grid is not None: ct = torch.from_numpy(np.array(grid[int(i)]))   # the stage's grid, stored once: n³ read, no pooling
+        else: ct = stored_ct_to_unit(_row_array(row, 'ct'))
+        if grid is None and self.resolution != self.top:
             # area (average) downsampling: block means where N/n is whole, overlapping-area means otherwise (e.g. 192 -> 128)
             ct = F.adaptive_avg_pool3d(ct[None, None], self.resolution)[0, 0]
         xray = torch.from_numpy(_row_array(row, 'xray').astype(np.float32))
@@ -607,6 +619,51 @@ def make_loader(
     ds = CTDataset(path, split, resolution)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=(split == 'train') if shuffle is None else shuffle,
                                        num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0, **kwargs)
+
+# %% ../nbs/04_dataset.ipynb #a9c1e7d2
+GRIDS_DIR = 'grids'   # inside a dataset folder: each split's CT at each coarser stage grid, written by `cache_grids`
+
+def grid_file(
+    path,             # dataset folder
+    split: str,       # 'train', 'val' or 'test'
+    n: int,           # grid size
+) -> Path:
+    "Where `cache_grids` stores a split at an n³ grid: `grids/{split}_{n}.npy`, float32 [patients, n, n, n] on the [0, 1] scale."
+    return Path(path) / GRIDS_DIR / f'{split}_{n}.npy'
+
+def cache_grids(
+    path,                 # dataset folder written by `prepare`
+    resolutions,          # the stage grids that will be read (the stored one needs no cache)
+    splits=None,          # default: every split of the dataset
+    log=print,            # one line per file written
+) -> list:                # the files that now hold the grids (empty where the folder is read-only)
+    """Store each split's CT at each coarser grid once, exactly as `CTDataset` would compute it per sample (area means),
+    so that a stage's loader reads n³ float32 per patient instead of pooling the stored N³. Written atomically; a file
+    already there is kept (a dataset that changes is rebuilt as a new folder, and its grids with it)."""
+    meta, files, written = load_metadata(path), [], []
+    for split in (splits or list(meta['splits'])):
+        for n in sorted({int(r) for r in resolutions if int(r) < meta['resolution']}):
+            f = grid_file(path, split, n)
+            ds = CTDataset(path, split, n)
+            if ds.grid() is not None: files.append(f); continue
+            try:
+                f.parent.mkdir(exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f'.{f.stem}.', suffix='.npy'); os.close(fd)
+            except OSError as e:
+                log(f"{path}: cannot store the {n}³ grids ({e.strerror}); the loader pools the stored {meta['resolution']}³ per sample")
+                return files
+            try:
+                out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(ds), n, n, n))
+                for i in range(len(ds)): out[i] = ds[i]['ct'][0].numpy()
+                out.flush(); del out
+                os.replace(tmp, f)
+            finally:
+                if os.path.exists(tmp): os.remove(tmp)
+            files.append(f); written.append(f)
+    if written:
+        log(f"{path / GRIDS_DIR}: the CT at {', '.join(sorted({f.stem.split('_')[1] + '³' for f in written}, key=len))} stored once "
+            f"for the loaders ({sum(f.stat().st_size for f in written) / 2**20:.1f} MB)")
+    return files
 
 # %% ../nbs/04_dataset.ipynb #5ec5bbd3
 def _row_array(row, key: str) -> np.ndarray:

@@ -10,28 +10,36 @@ import importlib.util
 import json
 import math
 import os
+import resource
+import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 
 import progressive_ct
 from .geometry import Geometry, InputError
 from .volumes import atomic_write
-from .dataset import CTDataset, collate, load_metadata, prepare, radiograph_reference, META_FILE
+from .dataset import (CTDataset, DEFAULT_PHANTOMS, META_FILE, cache_grids, collate, dataset_geometry, load_metadata,
+                                    prepare, radiograph_reference)
 from .cascade import ProgressiveCascadeModel, crop_slices, paste_crop, random_crop, resize_volume
-from .losses import STAGE_LOSSES
+from .losses import STAGE_LOSSES, VGG16_URL, load_vgg16_features, vgg16_cache_path
 from .metrics import psnr3d, ssim3d
 from .config import Config, load_config, resolve_path
 
 # %% auto #0
-__all__ = ['END_TO_END', 'ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader', 'build_model', 'save_weights',
-           'load_weights', 'load_stage_weights', 'validate', 'MetricLog', 'phase_name', 'phase_title', 'phase_schedule',
-           'default_stages', 'final_weights', 'train', 'add_train_arguments', 'parse_stages', 'run_training',
+__all__ = ['PROGRESS_FILE', 'END_TO_END', 'RESUME_KEYS', 'ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader',
+           'build_model', 'save_weights', 'load_weights', 'load_stage_weights', 'validate', 'MetricLog',
+           'to_channels_last', 'make_optimizer', 'skip_step_unless', 'StepTally', 'TrainState', 'StageRun',
+           'setup_stage', 'describe_stage', 'train_one_epoch', 'evaluate_and_save', 'finish_stage', 'save_progress',
+           'phase_name', 'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages',
+           'final_weights', 'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'preflight',
+           'config_meta', 'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training',
            'command_main', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
@@ -77,12 +85,14 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
-def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None):
-    "A DataLoader of one split at one resolution, ordered by an `EpochSampler`."
+def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None, pin_memory=False):
+    """A DataLoader of one split at one resolution, ordered by an `EpochSampler`: workers kept between epochs, four
+    batches ahead each, pinned host memory for asynchronous copies to a GPU."""
     ds = CTDataset(path, split, resolution)
     sampler = EpochSampler(len(ds), seed, shuffle=(split == 'train') if shuffle is None else shuffle)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, persistent_workers=num_workers > 0)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                                       pin_memory=pin_memory)
 
 # %% ../nbs/10_train.ipynb #d3bdc742
 def build_model(
@@ -101,10 +111,11 @@ def save_weights(
     model: torch.nn.Module,  # the (unwrapped) model
     path,                    # .safetensors file
     info: dict,              # written beside it as JSON (config, stage, epoch, metrics, ...)
+    state: dict | None = None, # the weights to write (default: `model.state_dict()`; sharded training: `accelerator.get_state_dict`)
 ) -> Path:
     "Weights as safetensors and a JSON record beside them, both written atomically."
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
     atomic_write(path, lambda t: save_file(state, str(t), metadata={'format': 'pt', 'stage': str(info.get('stage', ''))}))
     record = {**info, 'code_version': progressive_ct.__version__, 'weights': path.name}
     atomic_write(path.with_suffix('.json'), lambda t: Path(t).write_text(json.dumps(record, indent=2)))
@@ -209,6 +220,243 @@ def _read_json(path, default=None):
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else default
 
+# %% ../nbs/10_train.ipynb #ee24d969
+def _model_record(model, meta) -> dict:
+    "What inference needs beside the weights: the model's own arguments (geometry included) and the radiograph calibration."
+    return {'model': json.loads(json.dumps(model.config)), 'radiograph_reference': meta.get('radiograph_reference')}
+
+def _weights_info(run, epoch, metrics, cfg, accelerator, data, meta) -> dict:
+    "The JSON record beside a phase's weights."
+    return {'stage': run.k, 'epoch': epoch, 'metrics': metrics, 'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims),
+            'dataset': str(data), **_model_record(accelerator.unwrap_model(run.model), meta)}
+
+def _write_json(path, obj): atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
+
+def _step_crop(s, n, seed, epoch, index):
+    "The random sub-volume of a refiner's training step (None: the whole grid); a function of (seed, epoch, batch), so resumed runs draw the same."
+    if s.crop_size is None or s.crop_size >= n: return None
+    return random_crop(n, s.crop_size, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index))
+
+def _stage_loss(k, cfg, meta):
+    "Stage k's loss with the weights of `loss.stageK`."
+    w = cfg.stage_loss(k)
+    return STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
+                           geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
+                           vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+
+def _stage_step(model, batch, losses, accelerator, crop):
+    """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
+    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage."""
+    upto = 3 if len(losses) > 1 else losses[0].stage
+    with accelerator.autocast():
+        vols = model(batch['xray'], upto=upto, crop=crop)
+    n = batch['ct'].shape[-1]                       # the loader gives the last stage's grid
+    total, terms = 0.0, {}
+    for loss_fn, vol in zip(losses, vols[-len(losses):]):
+        last = vol is vols[-1]
+        target = batch['ct'][(slice(None),) * 2 + crop_slices(n, crop)] if last else resize_volume(batch['ct'], vol.shape[-1])
+        full = None
+        if last and crop is not None and loss_fn.drr is not None:
+            full = paste_crop(resize_volume(vols[-2].detach().float(), n), vol, crop)
+        loss, t = loss_fn(vol, target, batch['xray'], full=full)
+        total = total + loss
+        terms |= t if len(losses) == 1 else {f'stage{loss_fn.stage}_{k}': v for k, v in t.items()}
+    return total, terms
+
+def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    "Convolution weights in channels-last memory format (3D: `channels_last_3d`, the 2D encoder: `channels_last`); activations follow them."
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv3d): m.to(memory_format=torch.channels_last_3d)
+        elif isinstance(m, torch.nn.Conv2d): m.to(memory_format=torch.channels_last)
+    return model
+
+def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    "AdamW; the fused kernel where the device has one (CUDA, CPU): it can skip a step on the device (`skip_step_unless`)."
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.device(device).type in ('cuda', 'cpu'))
+
+def _finite_gradients(net, accelerator, clip: float) -> torch.Tensor:
+    "Clip the gradient norm (when `clip` > 0) and return whether it is finite: a 0-d bool tensor on the device, no host sync."
+    params = net.trainable_parameters()
+    norm = (accelerator.clip_grad_norm_(params, clip) if clip > 0
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    return torch.isfinite(norm)
+
+def skip_step_unless(opt, ok: torch.Tensor):
+    """Make the coming `opt.step()` a no-op where `ok` is False, decided on the device: the fused AdamW's `found_inf`
+    (the mechanism `GradScaler` uses; under fp16 the scaler sets its own). Another optimiser: one host read."""
+    inner = getattr(opt, 'optimizer', opt)
+    if getattr(inner, '_step_supports_amp_scaling', False): inner.found_inf = (~ok).float()
+    elif not bool(ok):
+        for group in inner.param_groups:
+            for p in group['params']: p.grad = None
+
+class StepTally:
+    "Sums of the loss terms over good steps and the non-finite counters, kept on the device; `check` reads them."
+    def __init__(self, device, state: TrainState):
+        self.device, self.state, self.sums = device, state, {}
+        self.good = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device)            # skipped steps since the last read
+        self.run = torch.full((), float(state.bad_in_row), device=device)   # current run of skips in a row
+        self.longest = self.run.clone()
+        self.last = torch.zeros((), device=device)
+        self.last_loss = float('nan')
+
+    def add(self, loss, terms: dict, ok: torch.Tensor):
+        okf = ok.float()
+        for name, v in {'loss': loss.detach(), **terms}.items():
+            self.sums[name] = self.sums.get(name, 0) + torch.where(ok, v.float(), 0.0)
+        self.good += okf; self.bad += 1 - okf
+        self.run = (self.run + 1) * (1 - okf)
+        self.longest = torch.maximum(self.longest, self.run)
+        self.last = torch.where(ok, loss.detach().float(), self.last)
+
+    def check(self, title: str, epoch: int, limit: int):
+        "Read the counters (one host sync); too many skipped steps in a row stop the run, the last saved state intact."
+        bad, longest, run, self.last_loss = (float(x) for x in torch.stack([self.bad, self.longest, self.run, self.last]).cpu())
+        self.state.skipped += int(bad); self.bad.zero_()
+        self.state.bad_in_row = int(run)
+        if longest >= limit:
+            raise RuntimeError(f"{title}: {int(longest)} non-finite losses in a row (epoch {epoch + 1}); stopped. The last saved "
+                               "state is untouched: lower the learning rate or check the data, then --resume")
+
+    def means(self) -> dict:
+        "Mean of each term over the good steps (read once, at the end of the epoch)."
+        if not self.sums: return {}
+        names = list(self.sums)
+        values = (torch.stack([self.sums[k] for k in names]) / self.good.clamp(min=1)).cpu().tolist()
+        return {f'train_{k}': v for k, v in zip(names, values)}
+
+
+# %% ../nbs/10_train.ipynb #c5d1a7e3
+PROGRESS_FILE = 'progress.json'   # which phases are done, and which phase the saved `state/` belongs to
+
+@dataclass
+class TrainState:
+    "Where a phase of the schedule stands; registered for checkpointing, so `save_state` / `load_state` carry it with the weights, optimiser, scheduler and RNGs."
+    stage: int = 0                      # the step of the schedule: 1, 2, 3, or 4 (the end-to-end phase)
+    epoch: int = 0                      # epochs of the phase completed
+    step: int = 0                       # optimiser steps of the phase taken
+    best: dict = field(default_factory=lambda: {'psnr': -math.inf})   # best validation: psnr, ssim, epoch
+    skipped: int = 0                    # steps skipped for non-finite gradients (the optimiser left the weights as they were)
+    bad_in_row: int = 0                 # the longest run of them in a row, read every `log_every` steps
+
+    def start(self, k: int):
+        "A fresh phase k (`load_state` then overwrites it when the run resumes inside the phase)."
+        self.__init__(stage=k)
+    def state_dict(self) -> dict: return dataclasses.asdict(self)
+    def load_state_dict(self, d: dict): self.__init__(**d)
+
+@dataclass
+class StageRun:
+    "What one phase trains with (built by `setup_stage`)."
+    k: int                   # the step of the schedule
+    title: str               # 'stage 2', 'end-to-end phase': in messages
+    phase: str               # 'stage2', 'end_to_end': in file names
+    n: int                   # the grid it trains at
+    schedule: object         # its `training.stageK` (epochs, batch size, learning rate, crop)
+    model: torch.nn.Module   # the prepared model (DDP-wrapped where distributed): the one handle; `accelerator.unwrap_model` for the cascade
+    opt: object
+    sched: object
+    train_dl: object
+    val_dl: object
+    losses: list             # its loss, or every stage's (the end-to-end phase)
+
+def setup_stage(k, cfg: Config, model, data, meta, accelerator: Accelerator, out) -> StageRun:
+    "Phase k: the earlier stages' best weights, the stage unfrozen, its losses, loaders, optimiser and schedule, prepared."
+    t, s = cfg.training, phase_schedule(cfg, k)
+    title, n = phase_title(k), phase_grid(cfg, k)
+    if k > 1:
+        prev = out / f'{phase_name(k - 1)}_best.safetensors'
+        if not prev.is_file(): raise InputError(f"{title}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
+        load_stage_weights(model, prev, range(1, k))             # every stage before this one (all three before the end-to-end phase)
+    model.set_stage(k if k <= 3 else 'all')
+    if t.channels_last: to_channels_last(model)
+    if t.compile:
+        for j in phase_losses(k): model.stages[j - 1].compile()    # in place: the weights keep their names
+    losses = [_stage_loss(j, cfg, meta) for j in phase_losses(k)]
+    pin = accelerator.device.type == 'cuda'
+    train_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers, pin_memory=pin)
+    val_dl = stage_loader(data, 'val', n, s.batch_size, t.seed, cfg.data.num_workers, shuffle=False, pin_memory=pin)
+    if len(val_dl.dataset) == 0: val_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, 0, shuffle=False)
+    opt = make_optimizer(model.trainable_parameters(), s.learning_rate, t.weight_decay, accelerator.device)
+    total = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps) * s.num_epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, t.warmup_fraction))
+    prepared, opt, train_dl, val_dl, sched = accelerator.prepare(model, opt, train_dl, val_dl, sched)
+    return StageRun(k, title, phase_name(k), n, s, prepared, opt, sched, train_dl, val_dl, [l.to(accelerator.device) for l in losses])
+
+def describe_stage(run: StageRun, accelerator: Accelerator) -> str:
+    "One line: what the phase trains, on what, for how long."
+    s, net = run.schedule, accelerator.unwrap_model(run.model)
+    return (f"{run.title}: {run.n}³ from {net.encoder.xray_img_size}² radiographs, {len(run.train_dl.dataset)} training / "
+            f"{len(run.val_dl.dataset)} validation patients, {s.num_epochs} epochs × {len(run.train_dl)} batches of {s.batch_size} "
+            f"on {accelerator.num_processes} process(es), {sum(p.numel() for p in net.trainable_parameters()):,} trainable parameters")
+
+def train_one_epoch(run: StageRun, state: TrainState, epoch: int, cfg: Config, accelerator: Accelerator, progress_bar=True) -> dict:
+    """One epoch of phase `run.k`: mean training loss terms over its good steps. No host sync inside a step: the
+    non-finite check, the step's skip and the sums stay on the device, read every `training.log_every` steps."""
+    from tqdm.auto import tqdm
+    t = cfg.training
+    net = accelerator.unwrap_model(run.model)
+    run.model.train(); net.set_stage(net.stage)                  # frozen parts back to eval mode
+    run.train_dl.set_epoch(epoch)
+    tally = StepTally(accelerator.device, state)
+    bar = tqdm(run.train_dl, desc=f'{run.title} epoch {epoch + 1}/{run.schedule.num_epochs}', leave=False,
+               disable=not (progress_bar and accelerator.is_local_main_process))
+    for i, batch in enumerate(bar):
+        with accelerator.accumulate(run.model):
+            loss, terms = _stage_step(run.model, batch, run.losses, accelerator, _step_crop(run.schedule, run.n, t.seed, epoch, i))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                ok = _finite_gradients(net, accelerator, t.gradient_clip)    # the same on every process: gradients are all-reduced
+                skip_step_unless(run.opt, ok)
+                state.step += 1
+                tally.add(loss, terms, ok)
+            run.opt.step(); run.sched.step(); run.opt.zero_grad(set_to_none=True)
+        if (i + 1) % t.log_every == 0:
+            tally.check(run.title, epoch, t.max_nonfinite_steps)             # the one host read
+            bar.set_postfix(loss=f"{tally.last_loss:.4f}")
+    tally.check(run.title, epoch, t.max_nonfinite_steps)
+    return tally.means()
+
+def evaluate_and_save(run: StageRun, state: TrainState, epoch: int, train_means: dict, cfg: Config, accelerator: Accelerator,
+                      out, data, meta, metrics_log, progress: dict, say):
+    "Validate the epoch, log it, save the last and (if better) the best weights, and every `save_every` epochs the resumable state."
+    val = validate(run.model, run.val_dl, min(run.k, 3), accelerator)
+    state.epoch = epoch + 1
+    metrics_log(run.k, state.epoch, state.step, {**train_means, 'val_psnr': val['psnr'], 'val_ssim': val['ssim'],
+                                                 'lr': run.sched.get_last_lr()[0], 'skipped_steps': state.skipped})
+    info = _weights_info(run, state.epoch, {'val_psnr': val['psnr'], 'val_ssim': val['ssim'], **train_means}, cfg, accelerator, data, meta)
+    better = val['psnr'] > state.best['psnr']
+    if better: state.best = {'psnr': val['psnr'], 'ssim': val['ssim'], 'epoch': state.epoch}
+    weights = accelerator.get_state_dict(run.model)            # every process takes part (sharded training gathers here)
+    if accelerator.is_main_process:
+        save_weights(accelerator.unwrap_model(run.model), out / f'{run.phase}_last.safetensors', info, weights)
+        if better: save_weights(accelerator.unwrap_model(run.model), out / f'{run.phase}_best.safetensors', info, weights)
+    accelerator.wait_for_everyone()
+    say(f"{run.title} epoch {state.epoch}/{run.schedule.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
+        f"val PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}" + (f" ({state.skipped} non-finite steps skipped)" if state.skipped else ''))
+    if state.epoch % cfg.checkpoints.save_every == 0 or state.epoch == run.schedule.num_epochs:
+        save_progress(accelerator, out, state, progress)
+
+def finish_stage(run: StageRun, state: TrainState, cfg: Config, accelerator: Accelerator, out, data, meta, say) -> dict:
+    "The phase's best (a phase of 0 epochs: the stage as initialised is its best)."
+    if run.schedule.num_epochs == 0:
+        weights = accelerator.get_state_dict(run.model)
+        if accelerator.is_main_process:
+            save_weights(accelerator.unwrap_model(run.model), out / f'{run.phase}_best.safetensors',
+                         _weights_info(run, 0, {}, cfg, accelerator, data, meta), weights)
+    accelerator.wait_for_everyone()
+    say(f"{run.title} done: best val PSNR {state.best['psnr']:.2f} dB (epoch {state.best.get('epoch', 0)}) -> {out / f'{run.phase}_best.safetensors'}")
+    return dict(state.best)
+
+def save_progress(accelerator: Accelerator, out, state: TrainState, progress: dict):
+    "The resumable state (accelerate's `save_state`, the `TrainState` included), then the record of which phase it belongs to."
+    accelerator.save_state(str(out / 'state'))
+    if accelerator.is_main_process:
+        _write_json(out / PROGRESS_FILE, {**progress, 'stage': state.stage, 'epoch': state.epoch, 'state': 'state'})
+    accelerator.wait_for_everyone()
+
+
 # %% ../nbs/10_train.ipynb #eed98ea9
 END_TO_END = 4   # the end-to-end phase runs as a fourth step of the schedule: every stage trained together
 
@@ -226,6 +474,14 @@ def phase_schedule(cfg: Config, k: int):
     e = cfg.training.end_to_end
     return dataclasses.replace(e, crop_size=e.crop_size if e.crop_size is not None else cfg.stage(3).crop_size)
 
+def phase_grid(cfg: Config, k: int) -> int:
+    "The grid a step of the schedule trains at (and its loader reads): stage k's, stage 3's for the end-to-end phase."
+    return cfg.voxel_dims[min(k, 3) - 1]
+
+def phase_losses(k: int) -> tuple:
+    "The stages whose losses a step of the schedule optimises: its own, or all three (the end-to-end phase)."
+    return (k,) if k <= 3 else (1, 2, 3)
+
 def default_stages(cfg: Config) -> tuple:
     "The seed's schedule, stages 1, 2, 3, then the end-to-end phase where `training.end_to_end.num_epochs` asks for it."
     return (1, 2, 3) + ((END_TO_END,) if cfg.training.end_to_end.num_epochs > 0 else ())
@@ -234,6 +490,17 @@ def final_weights(out) -> Path:
     "The weights a finished run ends with: the end-to-end phase's best if it ran, else stage 3's best."
     e2e = Path(out) / f'{phase_name(END_TO_END)}_best.safetensors'
     return e2e if e2e.is_file() else Path(out) / 'stage3_best.safetensors'
+
+def make_accelerator(cfg: Config, cpu: bool = False, project_dir=None) -> Accelerator:
+    "The run's `Accelerator`: mixed precision and accumulation from `training`, TensorBoard when installed and a folder is given."
+    t = cfg.training
+    tb = project_dir is not None and importlib.util.find_spec('tensorboard') is not None
+    acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps, cpu=cpu,
+                      log_with='tensorboard' if tb else None, project_dir=None if project_dir is None else str(project_dir),
+                      dataloader_config=DataLoaderConfiguration(non_blocking=True))
+    _guard_distributed(acc)
+    if acc.device.type == 'cuda': torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    return acc
 
 def train(
     cfg: Config,                  # the run's configuration
@@ -244,186 +511,228 @@ def train(
     log=None,                     # printing function (default: accelerator.print)
 ) -> dict:                        # per stage: best epoch and validation metrics
     "Train the cascade stage by stage with accelerate; returns what each stage reached."
-    t = cfg.training
     stages = default_stages(cfg) if stages is None else tuple(stages)
     out = resolve_path(cfg.checkpoints.save_dir)
-    tb = importlib.util.find_spec('tensorboard') is not None
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              cpu=cpu, log_with='tensorboard' if tb else None, project_dir=str(out))
-    _guard_distributed(accelerator)
+    accelerator = make_accelerator(cfg, cpu, project_dir=out)
     say = log or accelerator.print
-    out.mkdir(parents=True, exist_ok=True)
-    progress_file = out / 'progress.json'
-    progress = _read_json(progress_file, {}) if resume else {}
-    if resume and not progress: say(f"{out}: nothing to resume (no progress.json); starting from the beginning")
+    for line in preflight(cfg, stages, resume): say(f"preflight: {line}")      # everything every stage needs, before any step
+    progress = _read_json(out / PROGRESS_FILE, {}) if resume else {}
+    if resume and not progress: say(f"{out}: nothing to resume (no {PROGRESS_FILE}); starting from the beginning")
     if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / 'config.json', lambda p: Path(p).write_text(json.dumps(cfg.to_dict(), indent=2)))
-    if tb: accelerator.init_trackers('progressive_ct')
+    if accelerator.log_with: accelerator.init_trackers('progressive_ct')
     data = ensure_dataset(cfg, accelerator, log=say)
     meta = load_metadata(data)
     meta['radiograph_reference'] = radiograph_reference(data)
-    set_seed(t.seed)
+    with accelerator.main_process_first():                    # each stage's grid stored once, read by every process
+        if accelerator.is_main_process: cache_grids(data, {phase_grid(cfg, k) for k in stages} | {cfg.voxel_dims[0]}, log=say)
+    set_seed(cfg.training.seed)
     model = build_model(cfg, meta)
-    dims = cfg.voxel_dims
-    model.stage1.set_mean_volume(mean_volume(data, dims[0]))
+    model.stage1.set_mean_volume(mean_volume(data, cfg.voxel_dims[0]))
     metrics_log = MetricLog(out / 'metrics.csv', accelerator)
+    state = TrainState()                                      # epoch, step, best and non-finite counters of the phase
+    accelerator.register_for_checkpointing(state)             # saved and restored with the weights, optimiser, RNGs
     results = dict(progress.get('results', {}))
     for k in stages:
         if k in progress.get('stages_done', []):
             say(f"{phase_title(k)}: done in an earlier run ({out / f'{phase_name(k)}_best.safetensors'})"); continue
-        results[phase_name(k)] = _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar)
+        run = setup_stage(k, cfg, model, data, meta, accelerator, out)
+        state.start(k)
+        if progress.get('stage') == k:                         # --resume inside this phase: its last saved state
+            accelerator.load_state(str(out / 'state'))
+            say(f"{run.title}: resumed after epoch {state.epoch} from {out / 'state'}")
+        say(describe_stage(run, accelerator))
+        for epoch in range(state.epoch, run.schedule.num_epochs):
+            train_means = train_one_epoch(run, state, epoch, cfg, accelerator, progress_bar)
+            evaluate_and_save(run, state, epoch, train_means, cfg, accelerator, out, data, meta, metrics_log, progress, say)
+        results[run.phase] = finish_stage(run, state, cfg, accelerator, out, data, meta, say)
         progress = {'stages_done': sorted(set(progress.get('stages_done', [])) | {k}), 'results': results}
-        if accelerator.is_main_process:
-            atomic_write(progress_file, lambda p: Path(p).write_text(json.dumps(progress, indent=2)))
+        if accelerator.is_main_process: _write_json(out / PROGRESS_FILE, progress)
         accelerator.wait_for_everyone()
+        accelerator.free_memory()                              # the next phase prepares its own optimiser and loaders
     accelerator.end_training()
     return results
 
-# %% ../nbs/10_train.ipynb #ee24d969
-def _model_record(model, meta) -> dict:
-    "What inference needs beside the weights: the model's own arguments (geometry included) and the radiograph calibration."
-    return {'model': json.loads(json.dumps(model.config)), 'radiograph_reference': meta.get('radiograph_reference')}
 
-def _step_crop(s, n, seed, epoch, index):
-    "The random sub-volume of a refiner's training step (None: the whole grid); a function of (seed, epoch, batch), so resumed runs draw the same."
-    if s.crop_size is None or s.crop_size >= n: return None
-    return random_crop(n, s.crop_size, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index))
+# %% ../nbs/10_train.ipynb #e9f3a5b7
+def _writable(folder) -> str | None:
+    "Why a run could not write into `folder` (None: it can); nothing is created."
+    p = Path(folder).absolute()
+    while not p.exists(): p = p.parent
+    if not p.is_dir(): return f"{p} is a file"
+    if not os.access(p, os.W_OK | os.X_OK): return f"{p} is not writable"
+    return None
 
-def _stage_loss(k, cfg, meta):
-    "Stage k's loss with the weights of `loss.stageK`."
-    w = cfg.stage_loss(k)
-    return STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
-                           geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
-                           vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+def check_vgg(cfg: Config, stages) -> str:
+    "Load the VGG16 weights every requested phase with a VGG term needs, now (downloaded where the network allows)."
+    need = sorted({j for k in stages for j in phase_losses(k) if cfg.stage_loss(j).vgg_weight > 0})
+    if not need: return "VGG16: no requested stage has a VGG term"
+    keys, where = ', '.join(f'loss.stage{j}.vgg_weight' for j in need), cfg.loss.vgg_weights or vgg16_cache_path()
+    import warnings
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            vgg = load_vgg16_features(cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+    except InputError:
+        raise InputError(f"{keys} > 0, but the VGG16 ImageNet weights are not at {where} and could not be downloaded: put "
+                         f"torchvision's {os.path.basename(VGG16_URL)} there (or set loss.vgg_weights to its path), or set "
+                         "loss.allow_random_vgg true (random weights: the term is then not perceptual)") from None
+    return f"VGG16 ({keys}): " + ("ImageNet weights from " + where if vgg.pretrained else "random weights (loss.allow_random_vgg; not perceptual)")
 
-def _stage_step(wrapped, batch, losses, accelerator, crop):
-    """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
-    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage."""
-    upto = 3 if len(losses) > 1 else losses[0].stage
-    with accelerator.autocast():
-        vols = wrapped(batch['xray'], upto=upto, crop=crop)
-    n = batch['ct'].shape[-1]                       # the loader gives the last stage's grid
-    total, terms = 0.0, {}
-    for loss_fn, vol in zip(losses, vols[-len(losses):]):
-        last = vol is vols[-1]
-        target = batch['ct'][(slice(None),) * 2 + crop_slices(n, crop)] if last else resize_volume(batch['ct'], vol.shape[-1])
-        full = None
-        if last and crop is not None and loss_fn.drr is not None:
-            full = paste_crop(resize_volume(vols[-2].detach().float(), n), vol, crop)
-        loss, t = loss_fn(vol, target, batch['xray'], full=full)
-        total = total + loss
-        terms |= t if len(losses) == 1 else {f'stage{loss_fn.stage}_{k}': v for k, v in t.items()}
-    return total, terms
+def check_dataset(cfg: Config, stages) -> str:
+    "The dataset is there (or is phantoms that will be built), at the radiograph size, grid, field of view and geometry the config asks."
+    path, d = resolve_path(cfg.data.dataset_path), cfg.data
+    if not (path / META_FILE).is_file():
+        if d.source != 'phantoms':
+            raise InputError(f"data.dataset_path {path}: no dataset there; build it first with "
+                             f"progressive-ct prepare --source {d.source} --input-dir DIR --out {path}")
+        if why := _writable(path): raise InputError(f"data.dataset_path {path}: no dataset there, and it cannot be built there ({why})")
+        return f"dataset {path}: not built yet; {d.max_patients or DEFAULT_PHANTOMS} phantoms are built before the first step"
+    meta = load_metadata(path)
+    top = max(phase_grid(cfg, k) for k in stages)
+    wrong = [(key, have, want) for key, have, want in [
+        ('model.xray_img_size', meta['xray_size'], cfg.model.xray_img_size),
+        ('data.fov_mm', meta['fov_mm'], d.fov_mm),
+        ('data.geometry', Geometry.from_dict(meta['geometry']), dataset_geometry(dataclasses.replace(d, resolution=meta['resolution'])))]
+        if have != want]
+    if wrong:
+        key, have, want = wrong[0]
+        raise InputError(f"data.dataset_path {path}: its radiographs do not match {key} ({have} in the dataset, {want} asked for): "
+                         "prepare the dataset again (progressive-ct prepare --force) or change the config")
+    if meta['resolution'] < top:
+        raise InputError(f"data.dataset_path {path}: stored at {meta['resolution']}³, below the {top}³ grid the stages need: prepare it again")
+    if not meta['splits'].get('train'): raise InputError(f"data.dataset_path {path}: the train split is empty")
+    counts = ' / '.join(f"{len(v)} {k}" for k, v in meta['splits'].items())
+    return f"dataset {path}: {counts} patients, {meta['resolution']}³, {meta['xray_size']}² radiographs"
 
-def _train_stage(k, cfg, model, data, meta, accelerator, out, progress, metrics_log, say, progress_bar):
-    "One stage: freeze the rest, load the previous best, train, validate, save; resumable at epoch boundaries."
-    from tqdm.auto import tqdm
-    t, s, phase = cfg.training, phase_schedule(cfg, k), phase_name(k)
-    title = phase_title(k)                                    # in messages; `phase` names the files
-    n = cfg.voxel_dims[min(k, 3) - 1]
-    model = accelerator.unwrap_model(model)
-    if k > 1:
+RESUME_KEYS = ('model.', 'data.resolution', 'data.xray_size', 'data.fov_mm', 'data.geometry', 'training.seed',
+               'training.gradient_accumulation_steps', *(f'training.{s}.{k}' for s in ('stage1', 'stage2', 'stage3', 'end_to_end')
+                                                        for k in ('voxel_dim', 'batch_size', 'crop_size')))
+
+def _flat(d: dict, prefix='') -> dict:
+    return {k2: v2 for k, v in d.items() for k2, v2 in (_flat(v, f'{prefix}{k}.').items() if isinstance(v, dict) else [(f'{prefix}{k}', v)])}
+
+def check_resume(cfg: Config, out) -> str:
+    "A run to resume was written by the same model, data and per-stage shapes (epochs and learning rates may change)."
+    progress, saved = _read_json(out / PROGRESS_FILE), _read_json(out / 'config.json')
+    if not progress: return f"resume: nothing saved in {out} yet; starting from the beginning"
+    if saved is not None:
+        old, new = _flat(saved), _flat(cfg.to_dict())
+        diff = [k for k in sorted(set(old) | set(new)) if k.startswith(RESUME_KEYS) and old.get(k) != new.get(k)]
+        if diff:
+            shown = '; '.join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in diff[:3])
+            raise InputError(f"--resume: {out} was written with another configuration ({shown}): resume with its config.json, "
+                             "or train into another checkpoints.save_dir")
+    if progress.get('state') and not (out / progress['state']).is_dir():
+        raise InputError(f"--resume: {out / PROGRESS_FILE} points at {out / progress['state']}, which is missing")
+    where = f", {phase_title(progress['stage'])} after epoch {progress['epoch']}" if progress.get('state') else ''
+    return f"resume: {', '.join(phase_title(k) for k in progress.get('stages_done', [])) or 'no phase'} done{where}"
+
+def preflight(
+    cfg: Config,            # the run's configuration
+    stages,                 # the phases to train (1, 2, 3, 4)
+    resume: bool = False,   # the run continues a saved state
+    dry_run: bool = False,  # nothing will be written: the output folder and earlier stages' weights are not needed
+) -> list:                  # one line per check passed
+    "Everything the requested phases will need, checked before the first step; an `InputError` naming the first problem."
+    out, lines = resolve_path(cfg.checkpoints.save_dir), []
+    if not dry_run:
+        if why := _writable(out): raise InputError(f"checkpoints.save_dir {out}: the run cannot write there ({why})")
+        lines.append(f"output folder {out}: writable")
+    lines += [check_dataset(cfg, stages), check_vgg(cfg, stages)]
+    if resume and not dry_run: lines.append(check_resume(cfg, out))
+    done = set((_read_json(out / PROGRESS_FILE, {}) if resume else {}).get('stages_done', []))
+    for k in stages:
         prev = out / f'{phase_name(k - 1)}_best.safetensors'
-        if not prev.is_file(): raise InputError(f"{title}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
-        load_stage_weights(model, prev, range(1, k))             # every stage before this one (all three before the end-to-end phase)
+        if k > 1 and not dry_run and k - 1 not in stages and k not in done and not prev.is_file():
+            raise InputError(f"{phase_title(k)}: needs {phase_name(k - 1)}'s weights {prev}, which are not there; train it first (--stages {k - 1},{k})")
+    return lines
+
+def config_meta(cfg: Config) -> dict:
+    "What a dataset built from the config's `data` section would record (geometry, field of view, sizes): for measuring without one."
+    d = cfg.data
+    return {'geometry': dataset_geometry(d).to_dict(), 'fov_mm': d.fov_mm, 'xray_size': d.xray_size, 'resolution': d.resolution}
+
+def measure_step(
+    cfg: Config,                # the configuration whose shapes are measured
+    k: int,                     # the phase: 1, 2, 3 or 4
+    meta: dict,                 # geometry, fov_mm of the data (a dataset's metadata, or `dataset_geometry` of the config)
+    accelerator: Accelerator,   # device, mixed precision, processes
+    steps: int = 2,             # training steps taken (the first includes warm-up: cuDNN's search, compilation)
+) -> dict:                      # stage, grid, crop, batch_size, first_step_s, step_s, samples_per_s, peak_memory_mb, ...
+    "Time and peak memory of phase k's training step at the configured shapes, on random inputs (the step costs the same)."
+    s, n, dev = phase_schedule(cfg, k), phase_grid(cfg, k), accelerator.device
+    set_seed(cfg.training.seed)
+    model = build_model(cfg, meta)
     model.set_stage(k if k <= 3 else 'all')
-    losses = [_stage_loss(j, cfg, meta) for j in ((k,) if k <= 3 else (1, 2, 3))]
-    train_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers)
-    val_dl = stage_loader(data, 'val', n, s.batch_size, t.seed, cfg.data.num_workers, shuffle=False)
-    if len(val_dl.dataset) == 0: val_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, 0, shuffle=False)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=s.learning_rate, weight_decay=t.weight_decay)
-    steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
-    total = max(1, steps_per_epoch * s.num_epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, t.warmup_fraction))
-    wrapped, opt, train_dl, val_dl, sched = accelerator.prepare(model, opt, train_dl, val_dl, sched)
-    losses = [l.to(accelerator.device) for l in losses]
-    # resume: the state saved in this stage, if the progress says so
-    state = progress.get('state') if progress.get('stage') == k else None
-    start, best = 0, progress.get('best', {'psnr': -math.inf}) if state else {'psnr': -math.inf}
-    if state:
-        accelerator.load_state(str(out / 'state'))
-        start = progress['epoch']
-        say(f"{title}: resumed after epoch {start} from {out / 'state'}")
-    say(f"{title}: {n}³ from {meta['xray_size']}² radiographs, {len(train_dl.dataset)} training / {len(val_dl.dataset)} validation "
-        f"patients, {s.num_epochs} epochs × {len(train_dl)} batches of {s.batch_size} on {accelerator.num_processes} process(es), "
-        f"{sum(p.numel() for p in model.trainable_parameters()):,} trainable parameters")
-    bad_in_row, skipped = progress.get('bad_in_row', 0) if state else 0, progress.get('skipped', 0) if state else 0
-    step = start * steps_per_epoch
-    for epoch in range(start, s.num_epochs):
-        wrapped.train(); model.set_stage(model.stage)             # frozen parts back to eval mode
-        train_dl.set_epoch(epoch)
-        bar = tqdm(train_dl, desc=f'{title} epoch {epoch + 1}/{s.num_epochs}', disable=not (progress_bar and accelerator.is_local_main_process), leave=False)
-        sums, count = {}, 0
-        for batch in bar:
-            with accelerator.accumulate(wrapped):
-                loss, terms = _stage_step(wrapped, batch, losses, accelerator, _step_crop(s, n, t.seed, epoch, count))
-                finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction='sum').item() == accelerator.num_processes
-                if not finite:
-                    bad_in_row += 1; skipped += 1
-                    opt.zero_grad(set_to_none=True)
-                    if bad_in_row >= t.max_nonfinite_steps:
-                        _save_progress(accelerator, out, k, epoch, best, bad_in_row, skipped, progress)
-                        raise RuntimeError(f"{title}: {bad_in_row} non-finite losses in a row (epoch {epoch + 1}); stopped. "
-                                           f"The last good state is in {out / 'state'}: lower the learning rate or check the data, then --resume")
-                    continue
-                bad_in_row = 0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.gradient_clip > 0:
-                    accelerator.clip_grad_norm_(model.trainable_parameters(), t.gradient_clip)
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients: step += 1
-            count += 1
-            for term, v in {'loss': loss.detach(), **terms}.items(): sums[term] = sums.get(term, 0.0) + float(v)
-            bar.set_postfix(loss=f'{float(loss.detach()):.4f}')
-        train_means = {f'train_{term}': v / max(1, count) for term, v in sums.items()}
-        val = validate(wrapped, val_dl, min(k, 3), accelerator)
-        metrics_log(k, epoch + 1, step, {**train_means, 'val_psnr': val['psnr'], 'val_ssim': val['ssim'],
-                                         'lr': sched.get_last_lr()[0], 'skipped_steps': skipped})
-        info = {'stage': k, 'epoch': epoch + 1, 'metrics': {'val_psnr': val['psnr'], 'val_ssim': val['ssim'], **train_means},
-                'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)}
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_weights(model, out / f'{phase}_last.safetensors', info)
-            if val['psnr'] > best['psnr']:
-                best = {'psnr': val['psnr'], 'ssim': val['ssim'], 'epoch': epoch + 1}
-                save_weights(model, out / f'{phase}_best.safetensors', info)
-        best = _broadcast(best, accelerator)
-        say(f"{title} epoch {epoch + 1}/{s.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
-            f"val PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}" + (f" ({skipped} non-finite steps skipped)" if skipped else ''))
-        if (epoch + 1) % cfg.checkpoints.save_every == 0 or epoch + 1 == s.num_epochs:
-            _save_progress(accelerator, out, k, epoch + 1, best, bad_in_row, skipped, progress)
-    if s.num_epochs == 0 and accelerator.is_main_process:     # nothing to train: the stage as initialised is its best
-        save_weights(model, out / f'{phase}_best.safetensors', {'stage': k, 'epoch': 0, 'metrics': {}, 'config': cfg.to_dict(),
-                                                                 'voxel_dims': list(cfg.voxel_dims), 'dataset': str(data), **_model_record(model, meta)})
-    accelerator.wait_for_everyone()
-    say(f"{title} done: best val PSNR {best['psnr']:.2f} dB (epoch {best.get('epoch', 0)}) -> {out / f'{phase}_best.safetensors'}")
-    accelerator.free_memory()
-    return {k2: v for k2, v in best.items()}
+    if cfg.training.channels_last: to_channels_last(model)
+    if cfg.training.compile:
+        for j in phase_losses(k): model.stages[j - 1].compile()
+    losses = [_stage_loss(j, cfg, meta).to(dev) for j in phase_losses(k)]
+    opt = make_optimizer(model.trainable_parameters(), s.learning_rate, cfg.training.weight_decay, dev)
+    prepared, opt = accelerator.prepare(model, opt)
+    B, S, V = s.batch_size, cfg.model.xray_img_size, len(model.geometry.views)
+    g = torch.Generator().manual_seed(0)
+    batch = {'xray': (torch.rand(B, V, 1, S, S, generator=g) * 0.5).to(dev), 'ct': torch.rand(B, 1, n, n, n, generator=g).to(dev)}
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        sync(); t0 = time.perf_counter()
+        loss, _ = _stage_step(prepared, batch, losses, accelerator, _step_crop(s, n, cfg.training.seed, 0, i))
+        accelerator.backward(loss)
+        skip_step_unless(opt, _finite_gradients(model, accelerator, cfg.training.gradient_clip))
+        opt.step(); opt.zero_grad(set_to_none=True)
+        sync(); times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    cuda = dev.type == 'cuda'
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = {'stage': k, 'grid': n, 'crop': min(s.crop_size or n, n) if k > 1 else n, 'xray': S, 'batch_size': B,
+           'device': str(dev), 'mixed_precision': cfg.training.mixed_precision, 'checkpointing': cfg.model.use_gradient_checkpointing,
+           'compile': cfg.training.compile, 'channels_last': cfg.training.channels_last,
+           'first_step_s': round(times[0], 4), 'step_s': round(step_s, 4), 'samples_per_s': round(B / step_s, 3),
+           'peak_memory_mb': round(peak, 1), 'peak_memory_kind': 'cuda max allocated' if cuda else 'process peak RSS so far',
+           'loss_finite': bool(torch.isfinite(loss.detach()))}
+    accelerator.free_memory(prepared, opt)
+    return row
 
-def _broadcast(obj, accelerator):
-    "The main process's value of a small picklable object, on every process."
-    if accelerator.num_processes == 1: return obj
-    from accelerate.utils import broadcast_object_list
-    box = [obj]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+def dry_run(
+    cfg: Config,              # the run's configuration
+    stages=None,              # phases to measure (default: the run's)
+    cpu: bool = False,        # on the CPU even where a GPU is present
+    steps: int = 2,           # steps per phase
+    log=None,                 # printing function (default: accelerator.print)
+) -> list:                    # one `measure_step` row per phase
+    "`--dry-run`: the preflight, then one measured training step per phase at the configured shapes; writes nothing."
+    stages = default_stages(cfg) if stages is None else tuple(stages)
+    accelerator = make_accelerator(cfg, cpu)
+    say = log or accelerator.print
+    for line in preflight(cfg, stages, dry_run=True): say(f"preflight: {line}")
+    path = resolve_path(cfg.data.dataset_path)
+    meta = load_metadata(path) if (path / META_FILE).is_file() else config_meta(cfg)
+    rows = []
+    for k in stages:
+        r = measure_step(cfg, k, meta, accelerator, steps)
+        crop = f" (crops of {r['crop']}³)" if r['crop'] < r['grid'] else ''
+        say(f"dry run, {phase_title(k)}: {r['grid']}³{crop} from {r['xray']}² radiographs, batch {r['batch_size']} on {r['device']} "
+            f"({r['mixed_precision']}): first step {r['first_step_s']:.2f} s, then {r['step_s']:.2f} s/step = "
+            f"{r['samples_per_s']:.2f} samples/s per process; peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})")
+        rows.append(r)
+    say("dry run: nothing was written")
+    return rows
 
-def _save_progress(accelerator, out, stage, epoch, best, bad_in_row, skipped, progress):
-    "The resumable state (accelerate's save_state) and where it stands, the record written last."
-    accelerator.save_state(str(out / 'state'))
-    if accelerator.is_main_process:
-        rec = {**progress, 'stage': stage, 'epoch': epoch, 'state': 'state', 'best': best, 'bad_in_row': bad_in_row, 'skipped': skipped}
-        atomic_write(out / 'progress.json', lambda p: Path(p).write_text(json.dumps(rec, indent=2)))
-    accelerator.wait_for_everyone()
 
 # %% ../nbs/10_train.ipynb #aaf2d9f9
 def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "The training flags: --config, --stages, --end-to-end, --resume, --cpu."
+    "The training flags: --config, --stages, --end-to-end, --resume, --dry-run, --cpu."
     p.add_argument('--config', type=Path, required=True, help='JSON configuration (see configs/)')
     p.add_argument('--stages', help='stages to train, in order, from 1,2,3,e2e (default 1,2,3, and e2e when training.end_to_end.num_epochs > 0)')
     p.add_argument('--end-to-end', type=int, metavar='EPOCHS', help='after the stages, fine-tune every stage together for EPOCHS epochs '
                    '(each stage keeps its own loss: deep supervision); sets training.end_to_end.num_epochs')
     p.add_argument('--resume', action='store_true', help='continue from the last saved state in checkpoints.save_dir')
+    p.add_argument('--dry-run', action='store_true', help='check everything, take two training steps of each requested stage at '
+                   'the configured shapes, print their time and peak memory, and exit without writing anything')
     p.add_argument('--cpu', action='store_true', help='train on the CPU even where a GPU is present')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     return p
@@ -445,6 +754,7 @@ def run_training(args) -> dict:
     stages = parse_stages(args.stages) if args.stages else default_stages(cfg)
     if END_TO_END in stages and cfg.training.end_to_end.num_epochs == 0:
         raise InputError("--stages e2e: training.end_to_end.num_epochs is 0; set it or give --end-to-end EPOCHS")
+    if args.dry_run: return dry_run(cfg, stages, cpu=args.cpu)
     return train(cfg, stages, resume=args.resume, cpu=args.cpu, progress_bar=not args.no_progress)
 
 def command_main(
@@ -465,7 +775,7 @@ def command_main(
     return 0
 
 def main(argv=None) -> int:
-    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--end-to-end EPOCHS] [--resume]`; exit 2 on bad input."
+    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--end-to-end EPOCHS] [--resume] [--dry-run]`; exit 2 on bad input."
     return command_main('progressive_ct.train', 'Train the progressive cascade.', add_train_arguments, run_training, argv)
 
 # %% ../nbs/10_train.ipynb #292b3f10
