@@ -170,6 +170,7 @@ def bench_stage_rates(root: Path, config: str, patients: int, workers: int, epoc
     from progressive_ct.train import make_accelerator, measure_step, phase_grid
     cfg = load_config(config)
     cfg.loss.allow_random_vgg = True                                   # offline here; the same cost
+    cfg.training.mixed_precision = 'no'                                # the CPU's step in float32 (one precision per process)
     tier, path = Path(config).stem, root / f'rates_{Path(config).stem}'
     data = {**asdict(cfg.data), 'train_split': 1.0, 'val_split': 0.0, 'test_split': 0.0, 'num_workers': workers}
     prepare('phantoms', path, num_patients=patients, config=data, progress=False, log=lambda *a: None)
@@ -187,7 +188,8 @@ def bench_stage_rates(root: Path, config: str, patients: int, workers: int, epoc
         row = {'config': Path(config).name, 'stage': k, 'grid': n, 'stored': meta['resolution'], 'xray': meta['xray_size'],
                'batch_size': B, 'workers': workers, 'patients': patients,
                'loader_samples_per_s': round(cached, 2), 'loader_pooling_per_sample_samples_per_s': None if pooled is None else round(pooled, 2),
-               'step_samples_per_s': step['samples_per_s'], 'step_s': step['step_s'], 'crop': step['crop'],
+               'step_samples_per_s': step['samples_per_s'], 'step_s': step['step_s'], 'crop': step['crop'], 'step_device': step['device'],
+               'step_precision': step['mixed_precision'],
                'loader_over_step': round(cached / step['samples_per_s'], 1)}
         rows.append(row)
         print(f"{tier} stage {k}: {n}³ (stored {meta['resolution']}³), batch {B}: loader {cached:.1f} samples/s with {workers} workers "

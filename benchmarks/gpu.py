@@ -10,7 +10,7 @@ on a GPU, the process's peak RSS on the CPU) through the trainer's own `measure_
 term with random weights where ImageNet's cannot be had: same cost), the fused AdamW step, the configured mixed
 precision (the seed's bf16), batch size and crop, on random inputs (a step costs the same whatever the voxels hold).
 The first step (cuDNN's search, compilation) is reported apart from the median of the rest. Variants past `--budget`
-seconds are skipped and recorded as such. Writes benchmarks/results/gpu.json (or --out).
+seconds are skipped and recorded as such. Writes benchmarks/results/gpu.json (gpu_cpu.json on the CPU; or --out).
 """
 import argparse
 import json
@@ -66,13 +66,14 @@ def main():
     ap.add_argument('--steps', type=int, default=6, help='steps per measurement, the first apart')
     ap.add_argument('--variants', default=','.join(VARIANTS), help=f"from {', '.join(VARIANTS)}")
     ap.add_argument('--budget', type=float, default=420, help='seconds; later measurements are skipped')
-    ap.add_argument('--out', type=Path, default=ROOT / 'benchmarks' / 'results' / 'gpu.json')
+    ap.add_argument('--out', type=Path, help='default: benchmarks/results/gpu.json (gpu_cpu.json for --device cpu)')
     ap.add_argument('--stage', type=int, help=argparse.SUPPRESS)
     ap.add_argument('--variant', help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.config = args.config or str(ROOT / 'configs' / ('tiny.json' if args.tiny else 'config_progressive.json'))
+    args.out = args.out or ROOT / 'benchmarks' / 'results' / ('gpu.json' if args.device == 'cuda' else 'gpu_cpu.json')
     if args.stage: return child(args.config, args.stage, args.variant, args.steps, args.device, args.tiny)
     if args.device == 'cuda' and not torch.cuda.is_available(): raise SystemExit('gpu.py: --device cuda, but torch sees no GPU')
     variants = [v.strip() for v in args.variants.split(',') if v.strip()]

@@ -162,6 +162,7 @@ class TriPlanarVGGLoss(nn.Module):
         self.pretrained = vgg.pretrained
         self.vgg = nn.Sequential(*list(vgg)[:self.taps[-1] + 1])
         self.slices_per_axis, self.eps = int(slices_per_axis), eps
+        self.compute_dtype = None                # VGG's convolutions in this dtype (e.g. torch.bfloat16); distances always in float32
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -202,11 +203,16 @@ class TriPlanarVGGLoss(nn.Module):
                 total = total + _lean(self._distance, cut(pred), cut(target))
             return total / 3
 
+    def _features_in(self, x):
+        "The tapped features, computed in `compute_dtype` (autocast) where set, returned in float32."
+        with torch.autocast(x.device.type, dtype=self.compute_dtype or torch.float32, enabled=self.compute_dtype is not None):
+            return [f.float() for f in self._features(x)]
+
     def _distance(self, x, y):
         "Mean over layers of the relative feature distance of two batches of slices `[n, 1, h, w]`."
-        with torch.no_grad(): target_features = self._features(y)       # no graph for the target
+        with torch.no_grad(): target_features = self._features_in(y)    # no graph for the target
         per_layer = []
-        for fx, fy in zip(self._features(x), target_features):
+        for fx, fy in zip(self._features_in(x), target_features):
             num = (fx - fy).pow(2).flatten(1).mean(1)
             den = (fx.pow(2) + fy.pow(2)).flatten(1).mean(1).detach() + self.eps
             per_layer.append((num / den).mean())

@@ -238,11 +238,13 @@ def _step_crop(s, n, seed, epoch, index):
     return random_crop(n, s.crop_size, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index))
 
 def _stage_loss(k, cfg, meta):
-    "Stage k's loss with the weights of `loss.stageK`."
+    "Stage k's loss with the weights of `loss.stageK`; under bf16 training its VGG convolutions run in bf16."
     w = cfg.stage_loss(k)
-    return STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
+    loss = STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
                            geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
                            vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+    if loss.vgg is not None and cfg.training.mixed_precision == 'bf16': loss.vgg.compute_dtype = torch.bfloat16   # measured safe: 07_losses
+    return loss
 
 def _stage_step(model, batch, losses, accelerator, crop):
     """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
