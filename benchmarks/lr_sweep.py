@@ -7,7 +7,10 @@ The quickstart tier (16³ → 32³ → 64³ from 128², the refiners on 32³ cro
 each learning rate of the stage's grid trains the stage for `--epochs` epochs from the chosen previous stage; the best
 validation PSNR (data range 1) picks the rate, and that arm's weights feed the next stage. Each grid holds the seed's
 full-tier rate (1e-4 / 5e-5 / 2e-5) beside larger ones. Then the warm-up fraction (`training.warmup_fraction`, shared by
-the stages) is swept at stages 2 and 3 with their chosen rates. Writes benchmarks/results/lr_sweep.json.
+the stages) is swept at stages 2 and 3 with their chosen rates. A value replaces the incumbent (the seed's rate, the
+config's warm-up) only where it beats it by more than `--min-gain` dB (0.05): differences below that are noise at this
+size. `--rechoose` applies that rule again to the arms recorded in the results file, without training.
+Writes benchmarks/results/lr_sweep.json.
 """
 import argparse
 import json
@@ -40,14 +43,44 @@ def arm(cfg, k, lr, warmup, epochs, folder: Path, prev: Path | None) -> dict:
             'best_epoch': res['epoch'], 'val_psnr_per_epoch': [round(v, 3) for v in curve], 'seconds': round(time.perf_counter() - t0, 1)}
 
 
+def choose(values: dict, incumbent, min_gain: float):
+    "The value with the best score, unless it beats the incumbent's score by `min_gain` dB or less: then the incumbent."
+    best = max(values, key=values.get)
+    return best if incumbent not in values or values[best] > values[incumbent] + min_gain else incumbent
+
+
+def rechoose(path: Path, min_gain: float):
+    "Apply the choice rule to the arms recorded in a results file (no training)."
+    result = json.loads(path.read_text())
+    base = result['arms'][0]['warmup_fraction']
+    lr = {}
+    for k in (1, 2, 3):
+        arms = [a for a in result['arms'] if a['stage'] == k and a['warmup_fraction'] == base]
+        lr[k] = choose({a['learning_rate']: a['best_val_psnr'] for a in arms}, GRID[k][0], min_gain)
+    warm = {}
+    for a in result['arms']:
+        if a['stage'] in (2, 3) and a['learning_rate'] == lr[a['stage']]: warm.setdefault(a['warmup_fraction'], []).append(a['best_val_psnr'])
+    warm = {w: sum(v) / len(v) for w, v in warm.items() if len(v) == 2}
+    result['chosen_learning_rate'] = {f'stage{k}': v for k, v in lr.items()}
+    result['chosen_warmup_fraction'] = choose(warm, base, min_gain)
+    result['choice_rule'] = f'best validation PSNR; the incumbent (the seed\'s rate, warm-up {base:g}) kept unless beaten by more than {min_gain} dB'
+    result['warmup_mean_val_psnr'] = {f'{w:g}': round(v, 3) for w, v in warm.items()}
+    path.write_text(json.dumps(result, indent=2) + '\n')
+    print(f"chosen: {result['chosen_learning_rate']}, warm-up {result['chosen_warmup_fraction']:g} "
+          f"(mean over stages 2 and 3: {result['warmup_mean_val_psnr']}); wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--patients', type=int, default=96)
     ap.add_argument('--epochs', type=int, default=3)
     ap.add_argument('--warmups', default='0,0.05,0.2')
     ap.add_argument('--workdir', type=Path)
+    ap.add_argument('--min-gain', type=float, default=0.05, help='dB a value must gain over the incumbent to replace it')
+    ap.add_argument('--rechoose', action='store_true', help='only apply the choice rule to the arms already in --out')
     ap.add_argument('--out', type=Path, default=ROOT / 'benchmarks' / 'results' / 'lr_sweep.json')
     args = ap.parse_args()
+    if args.rechoose: return rechoose(args.out, args.min_gain)
     import torch
     from progressive_ct.config import load_config
     cfg = load_config(ROOT / 'configs' / 'quickstart.json')
@@ -63,8 +96,8 @@ def main():
             arms.append(r); rows.append(r)
             print(f"stage {k}, lr {lr:g}, warm-up {base_warmup:g}: val PSNR per epoch {r['val_psnr_per_epoch']} dB (range 1), "
                   f"best {r['best_val_psnr']:.2f} ({r['seconds']:.0f} s)", flush=True)
-        best = max(arms, key=lambda r: r['best_val_psnr'])
-        chosen[k] = best['learning_rate']
+        chosen[k] = choose({r['learning_rate']: r['best_val_psnr'] for r in arms}, GRID[k][0], args.min_gain)
+        best = next(r for r in arms if r['learning_rate'] == chosen[k])
         prev = work / f"stage{k}_lr{best['learning_rate']:g}" / f'stage{k}_best.safetensors'
         print(f"stage {k}: chosen lr {chosen[k]:g} (val PSNR {best['best_val_psnr']:.2f} dB; the seed's {GRID[k][0]:g}: "
               f"{arms[0]['best_val_psnr']:.2f} dB)", flush=True)
@@ -78,7 +111,7 @@ def main():
                 r = arm(cfg, k, chosen[k], w, args.epochs, work / f'stage{k}_warm{w:g}', src); rows.append(r)
             warm.setdefault(w, []).append(r['best_val_psnr'])
             print(f"stage {k}, lr {chosen[k]:g}, warm-up {w:g}: best val PSNR {r['best_val_psnr']:.2f} dB", flush=True)
-    chosen_warmup = max(warm, key=lambda w: sum(warm[w]))
+    chosen_warmup = choose({w: sum(v) / len(v) for w, v in warm.items()}, base_warmup, args.min_gain)
     print(f"warm-up: chosen {chosen_warmup:g} (mean over stages 2 and 3: "
           + ', '.join(f"{w:g}: {sum(v) / len(v):.2f} dB" for w, v in warm.items()) + ")")
     result = {'benchmark': 'learning rate and warm-up sweep', 'tier': 'quickstart (16/32/64 from 128², refiners on 32³ crops)',
@@ -91,6 +124,7 @@ def main():
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + '\n')
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+    rechoose(args.out, args.min_gain)                     # the rule's record in the file
     if args.workdir is None: shutil.rmtree(work, ignore_errors=True)
 
 

@@ -45,9 +45,9 @@ class TrainingConfig:
     channels_last: bool = False              # channels-last 3D memory format for the convolutions (GPUs with tensor cores)
     compile: bool = False                    # torch.compile the stage being trained (first steps slower while it compiles)
     cudnn_benchmark: bool = True             # let cuDNN pick the fastest convolution algorithms for the fixed shapes (GPU)
-    stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 1e-4, 64))
-    stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 5e-5, 128, 64))
-    stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 2e-5, 256, 128))
+    stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 5e-4, 64))   # rates: benchmarks/lr_sweep.py
+    stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 1e-3, 128, 64))
+    stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 5e-4, 256, 128))
     end_to_end: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(0, 2, 1e-5))  # after the stages, all together (0 epochs: off); crop_size null: stage 3's
 
 @dataclass

@@ -194,3 +194,32 @@ def test_no_unpickling_anywhere():
         assert 'pickle.load' not in text, f
         for m in re.finditer(r'torch\.load\(([^)]*)\)', text):
             assert 'weights_only=True' in m.group(1), (f.name, m.group(0))
+
+
+def test_dry_run_times_every_stage_and_writes_nothing(tmp_path):
+    "--dry-run on the tiny config: the preflight, then each stage's step time and peak memory, and not one file written."
+    cfg = write_config(tmp_path, tmp_path / 'data')               # no dataset yet: the dry run must not build it
+    before = sorted(p.name for p in tmp_path.rglob('*'))
+    r = run([sys.executable, '-m', 'progressive_ct.train', '--config', str(cfg), '--dry-run'], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith('dry run, stage')]
+    assert [l.split(':')[0] for l in lines] == [f'dry run, stage {k}' for k in (1, 2, 3)], r.stdout
+    assert all(re.search(r'then \d+\.\d+ s/step .* peak memory \d+ MB', l) for l in lines), lines
+    assert 'preflight: dataset' in r.stdout and 'dry run: nothing was written' in r.stdout
+    assert sorted(p.name for p in tmp_path.rglob('*')) == before
+
+
+def test_missing_vgg_weights_stop_the_full_config_in_seconds(tmp_path):
+    "The seed's config without VGG16 weights: one line naming the file and both ways out, before any step, nothing written."
+    cfg = json.loads((ROOT / 'configs' / 'config_progressive.json').read_text())
+    cfg['data']['dataset_path'], cfg['checkpoints']['save_dir'] = str(tmp_path / 'data'), str(tmp_path / 'run')
+    cfg['loss']['vgg_weights'] = str(tmp_path / 'weights' / 'vgg16-397923af.pth')   # a file that is not there (no download)
+    f = tmp_path / 'config.json'
+    f.write_text(json.dumps(cfg))
+    t0 = time.time()
+    r = run([sys.executable, '-m', 'progressive_ct.train', '--config', str(f)], cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert time.time() - t0 < 60
+    for words in (str(tmp_path / 'weights' / 'vgg16-397923af.pth'), 'loss.allow_random_vgg', 'loss.vgg_weights', 'loss.stage2.vgg_weight'):
+        assert words in r.stderr, (words, r.stderr)
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'data').exists()
