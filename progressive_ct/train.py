@@ -34,13 +34,12 @@ from .config import Config, load_config, resolve_path
 
 # %% auto #0
 __all__ = ['PROGRESS_FILE', 'END_TO_END', 'RESUME_KEYS', 'ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader',
-           'build_model', 'save_weights', 'load_weights', 'load_stage_weights', 'validate', 'MetricLog',
-           'to_channels_last', 'make_optimizer', 'skip_step_unless', 'StepTally', 'TrainState', 'StageRun',
-           'setup_stage', 'describe_stage', 'train_one_epoch', 'evaluate_and_save', 'finish_stage', 'save_progress',
-           'phase_name', 'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages',
-           'final_weights', 'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'preflight',
-           'config_meta', 'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training',
-           'command_main', 'main']
+           'build_model', 'save_weights', 'load_weights', 'load_stage_weights', 'validate', 'MetricLog', 'TrainState',
+           'StageRun', 'setup_stage', 'describe_stage', 'train_one_epoch', 'evaluate_and_save', 'finish_stage',
+           'save_progress', 'to_channels_last', 'make_optimizer', 'skip_step_unless', 'StepTally', 'phase_name',
+           'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages', 'final_weights',
+           'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'preflight', 'config_meta',
+           'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training', 'command_main', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -220,115 +219,6 @@ def _read_json(path, default=None):
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else default
 
-# %% ../nbs/10_train.ipynb #ee24d969
-def _model_record(model, meta) -> dict:
-    "What inference needs beside the weights: the model's own arguments (geometry included) and the radiograph calibration."
-    return {'model': json.loads(json.dumps(model.config)), 'radiograph_reference': meta.get('radiograph_reference')}
-
-def _weights_info(run, epoch, metrics, cfg, accelerator, data, meta) -> dict:
-    "The JSON record beside a phase's weights."
-    return {'stage': run.k, 'epoch': epoch, 'metrics': metrics, 'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims),
-            'dataset': str(data), **_model_record(accelerator.unwrap_model(run.model), meta)}
-
-def _write_json(path, obj): atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
-
-def _step_crop(s, n, seed, epoch, index):
-    "The random sub-volume of a refiner's training step (None: the whole grid); a function of (seed, epoch, batch), so resumed runs draw the same."
-    if s.crop_size is None or s.crop_size >= n: return None
-    return random_crop(n, s.crop_size, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index))
-
-def _stage_loss(k, cfg, meta):
-    "Stage k's loss with the weights of `loss.stageK`; under bf16 training its VGG convolutions run in bf16."
-    w = cfg.stage_loss(k)
-    loss = STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
-                           geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
-                           vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
-    if loss.vgg is not None and cfg.training.mixed_precision == 'bf16': loss.vgg.compute_dtype = torch.bfloat16   # measured safe: 07_losses
-    return loss
-
-def _stage_step(model, batch, losses, accelerator, crop):
-    """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
-    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage."""
-    upto = 3 if len(losses) > 1 else losses[0].stage
-    with accelerator.autocast():
-        vols = model(batch['xray'], upto=upto, crop=crop)
-    n = batch['ct'].shape[-1]                       # the loader gives the last stage's grid
-    total, terms = 0.0, {}
-    for loss_fn, vol in zip(losses, vols[-len(losses):]):
-        last = vol is vols[-1]
-        target = batch['ct'][(slice(None),) * 2 + crop_slices(n, crop)] if last else resize_volume(batch['ct'], vol.shape[-1])
-        full = None
-        if last and crop is not None and loss_fn.drr is not None:
-            full = paste_crop(resize_volume(vols[-2].detach().float(), n), vol, crop)
-        loss, t = loss_fn(vol, target, batch['xray'], full=full)
-        total = total + loss
-        terms |= t if len(losses) == 1 else {f'stage{loss_fn.stage}_{k}': v for k, v in t.items()}
-    return total, terms
-
-def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    "Convolution weights in channels-last memory format (3D: `channels_last_3d`, the 2D encoder: `channels_last`); activations follow them."
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv3d): m.to(memory_format=torch.channels_last_3d)
-        elif isinstance(m, torch.nn.Conv2d): m.to(memory_format=torch.channels_last)
-    return model
-
-def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
-    "AdamW; the fused kernel where the device has one (CUDA, CPU): it can skip a step on the device (`skip_step_unless`)."
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.device(device).type in ('cuda', 'cpu'))
-
-def _finite_gradients(net, accelerator, clip: float) -> torch.Tensor:
-    "Clip the gradient norm (when `clip` > 0) and return whether it is finite: a 0-d bool tensor on the device, no host sync."
-    params = net.trainable_parameters()
-    norm = (accelerator.clip_grad_norm_(params, clip) if clip > 0
-            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-    return torch.isfinite(norm)
-
-def skip_step_unless(opt, ok: torch.Tensor):
-    """Make the coming `opt.step()` a no-op where `ok` is False, decided on the device: the fused AdamW's `found_inf`
-    (the mechanism `GradScaler` uses; under fp16 the scaler sets its own). Another optimiser: one host read."""
-    inner = getattr(opt, 'optimizer', opt)
-    if getattr(inner, '_step_supports_amp_scaling', False): inner.found_inf = (~ok).float()
-    elif not bool(ok):
-        for group in inner.param_groups:
-            for p in group['params']: p.grad = None
-
-class StepTally:
-    "Sums of the loss terms over good steps and the non-finite counters, kept on the device; `check` reads them."
-    def __init__(self, device, state: TrainState):
-        self.device, self.state, self.sums = device, state, {}
-        self.good = torch.zeros((), device=device)
-        self.bad = torch.zeros((), device=device)            # skipped steps since the last read
-        self.run = torch.full((), float(state.bad_in_row), device=device)   # current run of skips in a row
-        self.longest = self.run.clone()
-        self.last = torch.zeros((), device=device)
-        self.last_loss = float('nan')
-
-    def add(self, loss, terms: dict, ok: torch.Tensor):
-        okf = ok.float()
-        for name, v in {'loss': loss.detach(), **terms}.items():
-            self.sums[name] = self.sums.get(name, 0) + torch.where(ok, v.float(), 0.0)
-        self.good += okf; self.bad += 1 - okf
-        self.run = (self.run + 1) * (1 - okf)
-        self.longest = torch.maximum(self.longest, self.run)
-        self.last = torch.where(ok, loss.detach().float(), self.last)
-
-    def check(self, title: str, epoch: int, limit: int):
-        "Read the counters (one host sync); too many skipped steps in a row stop the run, the last saved state intact."
-        bad, longest, run, self.last_loss = (float(x) for x in torch.stack([self.bad, self.longest, self.run, self.last]).cpu())
-        self.state.skipped += int(bad); self.bad.zero_()
-        self.state.bad_in_row = int(run)
-        if longest >= limit:
-            raise RuntimeError(f"{title}: {int(longest)} non-finite losses in a row (epoch {epoch + 1}); stopped. The last saved "
-                               "state is untouched: lower the learning rate or check the data, then --resume")
-
-    def means(self) -> dict:
-        "Mean of each term over the good steps (read once, at the end of the epoch)."
-        if not self.sums: return {}
-        names = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in names]) / self.good.clamp(min=1)).cpu().tolist()
-        return {f'train_{k}': v for k, v in zip(names, values)}
-
-
 # %% ../nbs/10_train.ipynb #c5d1a7e3
 PROGRESS_FILE = 'progress.json'   # which phases are done, and which phase the saved `state/` belongs to
 
@@ -457,6 +347,115 @@ def save_progress(accelerator: Accelerator, out, state: TrainState, progress: di
     if accelerator.is_main_process:
         _write_json(out / PROGRESS_FILE, {**progress, 'stage': state.stage, 'epoch': state.epoch, 'state': 'state'})
     accelerator.wait_for_everyone()
+
+
+# %% ../nbs/10_train.ipynb #ee24d969
+def _model_record(model, meta) -> dict:
+    "What inference needs beside the weights: the model's own arguments (geometry included) and the radiograph calibration."
+    return {'model': json.loads(json.dumps(model.config)), 'radiograph_reference': meta.get('radiograph_reference')}
+
+def _weights_info(run, epoch, metrics, cfg, accelerator, data, meta) -> dict:
+    "The JSON record beside a phase's weights."
+    return {'stage': run.k, 'epoch': epoch, 'metrics': metrics, 'config': cfg.to_dict(), 'voxel_dims': list(cfg.voxel_dims),
+            'dataset': str(data), **_model_record(accelerator.unwrap_model(run.model), meta)}
+
+def _write_json(path, obj): atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
+
+def _step_crop(s, n, seed, epoch, index):
+    "The random sub-volume of a refiner's training step (None: the whole grid); a function of (seed, epoch, batch), so resumed runs draw the same."
+    if s.crop_size is None or s.crop_size >= n: return None
+    return random_crop(n, s.crop_size, torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index))
+
+def _stage_loss(k, cfg, meta):
+    "Stage k's loss with the weights of `loss.stageK`; under bf16 training its VGG convolutions run in bf16."
+    w = cfg.stage_loss(k)
+    loss = STAGE_LOSSES[k](w.l1_weight, w.ssim_weight, w.vgg_weight, w.gradient_weight, w.drr_weight,
+                           geometry=Geometry.from_dict(meta['geometry']), fov_mm=meta['fov_mm'],
+                           vgg_weights=cfg.loss.vgg_weights, allow_random_weights=cfg.loss.allow_random_vgg)
+    if loss.vgg is not None and cfg.training.mixed_precision == 'bf16': loss.vgg.compute_dtype = torch.bfloat16   # measured safe: 07_losses
+    return loss
+
+def _stage_step(model, batch, losses, accelerator, crop):
+    """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
+    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage."""
+    upto = 3 if len(losses) > 1 else losses[0].stage
+    with accelerator.autocast():
+        vols = model(batch['xray'], upto=upto, crop=crop)
+    n = batch['ct'].shape[-1]                       # the loader gives the last stage's grid
+    total, terms = 0.0, {}
+    for loss_fn, vol in zip(losses, vols[-len(losses):]):
+        last = vol is vols[-1]
+        target = batch['ct'][(slice(None),) * 2 + crop_slices(n, crop)] if last else resize_volume(batch['ct'], vol.shape[-1])
+        full = None
+        if last and crop is not None and loss_fn.drr is not None:
+            full = paste_crop(resize_volume(vols[-2].detach().float(), n), vol, crop)
+        loss, t = loss_fn(vol, target, batch['xray'], full=full)
+        total = total + loss
+        terms |= t if len(losses) == 1 else {f'stage{loss_fn.stage}_{k}': v for k, v in t.items()}
+    return total, terms
+
+def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    "Convolution weights in channels-last memory format (3D: `channels_last_3d`, the 2D encoder: `channels_last`); activations follow them."
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv3d): m.to(memory_format=torch.channels_last_3d)
+        elif isinstance(m, torch.nn.Conv2d): m.to(memory_format=torch.channels_last)
+    return model
+
+def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    "AdamW; the fused kernel where the device has one (CUDA, CPU): it can skip a step on the device (`skip_step_unless`)."
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.device(device).type in ('cuda', 'cpu'))
+
+def _finite_gradients(net, accelerator, clip: float) -> torch.Tensor:
+    "Clip the gradient norm (when `clip` > 0) and return whether it is finite: a 0-d bool tensor on the device, no host sync."
+    params = net.trainable_parameters()
+    norm = (accelerator.clip_grad_norm_(params, clip) if clip > 0
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    return torch.isfinite(norm)
+
+def skip_step_unless(opt, ok: torch.Tensor):
+    """Make the coming `opt.step()` a no-op where `ok` is False, decided on the device: the fused AdamW's `found_inf`
+    (the mechanism `GradScaler` uses; under fp16 the scaler sets its own). Another optimiser: one host read."""
+    inner = getattr(opt, 'optimizer', opt)
+    if getattr(inner, '_step_supports_amp_scaling', False): inner.found_inf = (~ok).float()
+    elif not bool(ok):
+        for group in inner.param_groups:
+            for p in group['params']: p.grad = None
+
+class StepTally:
+    "Sums of the loss terms over good steps and the non-finite counters, kept on the device; `check` reads them."
+    def __init__(self, device, state: TrainState):
+        self.device, self.state, self.sums = device, state, {}
+        self.good = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device)            # skipped steps since the last read
+        self.run = torch.full((), float(state.bad_in_row), device=device)   # current run of skips in a row
+        self.longest = self.run.clone()
+        self.last = torch.zeros((), device=device)
+        self.last_loss = float('nan')
+
+    def add(self, loss, terms: dict, ok: torch.Tensor):
+        okf = ok.float()
+        for name, v in {'loss': loss.detach(), **terms}.items():
+            self.sums[name] = self.sums.get(name, 0) + torch.where(ok, v.float(), 0.0)
+        self.good += okf; self.bad += 1 - okf
+        self.run = (self.run + 1) * (1 - okf)
+        self.longest = torch.maximum(self.longest, self.run)
+        self.last = torch.where(ok, loss.detach().float(), self.last)
+
+    def check(self, title: str, epoch: int, limit: int):
+        "Read the counters (one host sync); too many skipped steps in a row stop the run, the last saved state intact."
+        bad, longest, run, self.last_loss = (float(x) for x in torch.stack([self.bad, self.longest, self.run, self.last]).cpu())
+        self.state.skipped += int(bad); self.bad.zero_()
+        self.state.bad_in_row = int(run)
+        if longest >= limit:
+            raise RuntimeError(f"{title}: {int(longest)} non-finite losses in a row (epoch {epoch + 1}); stopped. The last saved "
+                               "state is untouched: lower the learning rate or check the data, then --resume")
+
+    def means(self) -> dict:
+        "Mean of each term over the good steps (read once, at the end of the epoch)."
+        if not self.sums: return {}
+        names = list(self.sums)
+        values = (torch.stack([self.sums[k] for k in names]) / self.good.clamp(min=1)).cpu().tolist()
+        return {f'train_{k}': v for k, v in zip(names, values)}
 
 
 # %% ../nbs/10_train.ipynb #eed98ea9
