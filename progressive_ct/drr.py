@@ -27,26 +27,29 @@ def _kernel_integral(t):
     far = (((-0.125 * x + 5 / 6) * x - 2) * x + 2) * x - 1 / 6    # ∫0..x K, 1 < x ≤ 2
     return 0.5 + torch.sign(t) * torch.where(x <= 1, near, far)
 
-def _taps(centre, footprint, n):
+def _taps(centre, footprint, n, max_footprint=None):
     """Weights of pixel-integrated cubic interpolation along one axis.
 
     `centre` [P, m]: continuous voxel index of each detector pixel centre in each plane; `footprint` [P]: the
     pixel's width in voxels there. Voxel k gets (1/f)∫K(x − k)dx over the pixel's footprint [c − f/2, c + f/2]:
     plain interpolation for a small footprint, an average over the voxels it covers for a large one.
+    `max_footprint`: the largest footprint as a Python number, which sizes T without reading the tensor back from
+    the device (a host sync in every training step that renders DRRs on a GPU).
     Returns indices [P, m, T] (clamped into range) and weights [P, m, T] (0 outside the volume)."""
     f = footprint.clamp(min=1e-2)[:, None, None]
     a, b = centre[..., None] - f / 2, centre[..., None] + f / 2
-    ntap = int(math.ceil(float(footprint.max()))) + 4
+    ntap = int(math.ceil(float(footprint.max()) if max_footprint is None else max_footprint)) + 4
     k = torch.floor(a - 2) + 1 + torch.arange(ntap, dtype=centre.dtype, device=centre.device)
     w = (_kernel_integral(b - k) - _kernel_integral(a - k)) / f
     w = torch.where((k >= 0) & (k <= n - 1), w, torch.zeros_like(w))
     return k.clamp(0, n - 1).long(), w
 
-def _project_planes(vol, spacing, geometry, magnification, ray_length, chunk_elems=1 << 21):
+def _project_planes(vol, spacing, geometry, magnification, ray_length, chunk_elems=1 << 21, min_magnification=None):
     """Sum over planes of each plane resampled onto the detector at its magnification.
 
     vol [B, R, P, C]: R detector-row axis, P planes along the beam, C detector-column axis; spacing (sR, sP, sC) mm;
-    magnification [P] (float64); ray_length [h, w]: mm of ray per plane. Returns [B, h, w].
+    magnification [P] (float64), and its smallest value as a Python number (`min_magnification`: no host sync);
+    ray_length [h, w]: mm of ray per plane. Returns [B, h, w].
     Separable: rows first (bags of voxel rows), then columns summed over planes (bags of plane columns)."""
     B, R, P, C = vol.shape
     h, w = geometry.detector
@@ -56,8 +59,9 @@ def _project_planes(vol, spacing, geometry, magnification, ray_length, chunk_ele
     v = (torch.arange(h, dtype=f64, device=dev) - (h - 1) / 2) * pix
     u = (torch.arange(w, dtype=f64, device=dev) - (w - 1) / 2) * pix
     m = magnification.to(dev)
-    ir, wr = _taps(v[None] / m[:, None] / sr + (R - 1) / 2, pix / (m * sr), R)   # [P, h, Tr]
-    ic, wc = _taps(u[None] / m[:, None] / sc + (C - 1) / 2, pix / (m * sc), C)   # [P, w, Tc]
+    widest = lambda s: None if min_magnification is None else pix / (min_magnification * s)
+    ir, wr = _taps(v[None] / m[:, None] / sr + (R - 1) / 2, pix / (m * sr), R, widest(sr))   # [P, h, Tr]
+    ic, wc = _taps(u[None] / m[:, None] / sc + (C - 1) / 2, pix / (m * sc), C, widest(sc))   # [P, w, Tc]
     wr, wc = wr.to(vol.dtype), wc.to(vol.dtype)
     tr, tc = ir.shape[-1], ic.shape[-1]
     table = vol.reshape(B * R * P, C)
@@ -137,14 +141,15 @@ def _render_view(x, spacing, geometry, view):
     if geometry.kind == 'parallel':                     # M ≡ 1: sum along the beam first, then resample once
         vol = vol.sum(dim=2, keepdim=True)
         return _project_planes(vol, sp, geometry, torch.ones(1, dtype=f64, device=dev),
-                               torch.full((h, w), sp[1], dtype=f64, device=dev))
+                               torch.full((h, w), sp[1], dtype=f64, device=dev), min_magnification=1.0)
     P = vol.shape[2]
     depth = (torch.arange(P, dtype=f64, device=dev) - (P - 1) / 2) * sp[1]
     mag = geometry.sdd / (geometry.sid + depth)
     v = (torch.arange(h, dtype=f64, device=dev) - (h - 1) / 2) * geometry.pixel_spacing
     u = (torch.arange(w, dtype=f64, device=dev) - (w - 1) / 2) * geometry.pixel_spacing
     ray = sp[1] * torch.sqrt(geometry.sdd**2 + v[:, None] ** 2 + u[None] ** 2) / geometry.sdd
-    return _project_planes(vol, sp, geometry, mag, ray)
+    far = ((P - 1) - (P - 1) / 2) * sp[1]              # the deepest plane's depth: the smallest magnification, in Python
+    return _project_planes(vol, sp, geometry, mag, ray, min_magnification=geometry.sdd / (geometry.sid + far))
 
 # %% ../nbs/01_drr.ipynb #afea814c
 def rays(
