@@ -73,6 +73,9 @@ class CheckpointConfig:
     "`checkpoints`: where a run writes, and how often it saves a resumable state."
     save_dir: str = 'checkpoints_progressive'# every output of the run goes here
     save_every: int = 5                      # save the full training state every k epochs (and at each stage's end)
+    save_every_minutes: float = 30.0         # also inside an epoch, after the step that ends each such interval (0: off): a preemption costs at most this
+    save_every_steps: int = 0                # also inside an epoch, every k optimiser steps (0: off)
+    keep_states: int = 2                     # resumable states kept under states/ (the newest k; each written whole before an older one goes)
 
 # %% ../nbs/09_config.ipynb #33762034
 @dataclass
@@ -225,6 +228,9 @@ def _check(c: Config, explicit: set):
     need(d.train_split > 0, 'data.train_split', "must be positive: training needs patients")
     need(d.source == 'phantoms' or d.input_dir, 'data.input_dir', f"is needed for source {d.source!r}")
     need(c.checkpoints.save_every >= 1, 'checkpoints.save_every', f"must be at least 1 epoch, got {c.checkpoints.save_every}")
+    need(c.checkpoints.save_every_minutes >= 0, 'checkpoints.save_every_minutes', f"must be 0 (off) or a number of minutes, got {c.checkpoints.save_every_minutes}")
+    need(c.checkpoints.save_every_steps >= 0, 'checkpoints.save_every_steps', f"must be 0 (off) or a number of steps, got {c.checkpoints.save_every_steps}")
+    need(c.checkpoints.keep_states >= 1, 'checkpoints.keep_states', f"must be at least 1, got {c.checkpoints.keep_states}")
 
 # %% ../nbs/09_config.ipynb #38ca56c0
 def config_from_dict(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .geometry import HU_WINDOW, MU_WATER, PRESETS, Geometry, InputError, geometry_preset, hu_to_unit, unit_to_mu
 from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
-from .volumes import HU_PLUS_1024_POLICIES, ingest_ct, ipl_affine
+from .volumes import HU_PLUS_1024_POLICIES, file_mode, ingest_ct, ipl_affine
 
 # %% auto #0
 __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS',
@@ -656,6 +656,7 @@ def cache_grids(
                 out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(len(ds), n, n, n))
                 for i in range(len(ds)): out[i] = ds[i]['ct'][0].numpy()
                 out.flush(); del out
+                os.chmod(tmp, file_mode())                 # mkstemp made it private: the umask's permissions, as any file
                 os.replace(tmp, f)
             finally:
                 if os.path.exists(tmp): os.remove(tmp)

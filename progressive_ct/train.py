@@ -11,8 +11,11 @@ import json
 import math
 import os
 import resource
+import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +36,15 @@ from .metrics import psnr3d, ssim3d
 from .config import Config, load_config, resolve_path
 
 # %% auto #0
-__all__ = ['PROGRESS_FILE', 'END_TO_END', 'RESUME_KEYS', 'ensure_dataset', 'mean_volume', 'EpochSampler', 'stage_loader',
-           'build_model', 'save_weights', 'load_weights', 'load_stage_weights', 'validate', 'MetricLog', 'TrainState',
-           'StageRun', 'setup_stage', 'describe_stage', 'train_one_epoch', 'evaluate_and_save', 'finish_stage',
-           'save_progress', 'to_channels_last', 'make_optimizer', 'skip_step_unless', 'StepTally', 'phase_name',
-           'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages', 'final_weights',
-           'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'preflight', 'config_meta',
-           'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training', 'command_main', 'main']
+__all__ = ['EXIT_STOPPED', 'STATES_DIR', 'PROGRESS_FILE', 'END_TO_END', 'RESUME_KEYS', 'ensure_dataset', 'mean_volume',
+           'EpochSampler', 'stage_loader', 'stop_workers', 'build_model', 'save_weights', 'load_weights',
+           'load_stage_weights', 'validate', 'MetricLog', 'TrainingStopped', 'SaveFailed', 'phase_seed', 'StopSignals',
+           'save_bytes', 'Checkpointer', 'TrainState', 'StageRun', 'setup_stage', 'describe_stage', 'train_one_epoch',
+           'evaluate_and_save', 'finish_stage', 'to_channels_last', 'make_optimizer', 'skip_step_unless', 'StepTally',
+           'phase_name', 'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages',
+           'final_weights', 'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'check_space',
+           'preflight', 'config_meta', 'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training',
+           'command_main', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -84,14 +89,30 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
+def _ignore_stop_signals(worker_id: int):
+    """A loader worker leaves SIGTERM and SIGINT to the main process (schedulers signal every process of a job): the
+    main process finishes its step, saves, then shuts the workers down (`stop_workers`)."""
+    for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
+
 def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None, pin_memory=False):
     """A DataLoader of one split at one resolution, ordered by an `EpochSampler`: workers kept between epochs, four
-    batches ahead each, pinned host memory for asynchronous copies to a GPU."""
+    batches ahead each, pinned host memory for asynchronous copies to a GPU. It draws its workers' seeds from its own
+    generator, never from the global RNG: starting an epoch, or resuming inside one, leaves the training's random
+    draws where they were."""
     ds = CTDataset(path, split, resolution)
     sampler = EpochSampler(len(ds), seed, shuffle=(split == 'train') if shuffle is None else shuffle)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                                       pin_memory=pin_memory)
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                                       worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+
+def stop_workers(*loaders):
+    "Shut down the worker processes of (prepared) DataLoaders now, rather than whenever the loaders are collected."
+    for dl in loaders:
+        base = getattr(dl, 'base_dataloader', dl)
+        it = getattr(base, '_iterator', None)
+        if it is not None and hasattr(it, '_shutdown_workers'): it._shutdown_workers()
+        if it is not None: base._iterator = None
 
 # %% ../nbs/10_train.ipynb #d3bdc742
 def build_model(
@@ -219,8 +240,160 @@ def _read_json(path, default=None):
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else default
 
+# %% ../nbs/10_train.ipynb #5a7c9e31
+EXIT_STOPPED = 75       # the exit code of a run stopped by SIGTERM / SIGINT after saving (sysexits' EX_TEMPFAIL: run it again with --resume)
+STATES_DIR = 'states'   # the resumable states, one folder each (states/stage2-epoch001-step0000123)
+
+class TrainingStopped(Exception):
+    "A run stopped by a signal after saving its state; the message says where it stopped and how to continue."
+
+class SaveFailed(InputError):
+    "A save that could not be written (a full disk, a quota, a failed write); the state saved before it is intact."
+
+def phase_seed(seed: int, k: int) -> int:
+    "The seed of phase k's random draws: a function of the run's seed and the phase alone, whatever ran before it in the process."
+    return (seed * 1_000_003 + 7_919 * k) % 2**32
+
+def _cpu_group():
+    "A gloo process group for the loop's small agreements (the default group where it is gloo already); None when not distributed."
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()): return None
+    return None if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
+
+def _agree_max(values, group=None) -> list:
+    "The element-wise maximum over processes of a few integers, over a CPU group: no device sync, the same answer everywhere."
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the run to stop. The handler only notes the signal; after each optimiser step the loop
+    asks `poll`, which agrees over processes (one process signalled is enough), and every process saves and stops at
+    that step. Further signals while it stops are ignored: SIGKILL still stops at once, and saves are atomic."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def __init__(self):
+        self.received, self._old = 0, {}
+        self.group = _cpu_group()                  # created on every process at the same point: a collective call
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # Python runs handlers in the main thread only
+            for s in self.SIGNALS: self._old[s] = signal.signal(s, self._note)
+        return self
+    def __exit__(self, *exc):
+        for s, h in self._old.items(): signal.signal(s, h)
+        self._old = {}
+    def _note(self, signum, frame):
+        if not self.received: self.received = signum
+    def poll(self, save_due: bool = False) -> tuple:
+        "(the signal a process received, 0 if none; whether a process asks for a save now): the same on every process."
+        signum, due = _agree_max([self.received, save_due], self.group)
+        return signum, bool(due)
+
+def save_bytes(
+    model: torch.nn.Module,  # the cascade (on any device, the meta device included)
+    trainable,               # the parameters the phase trains
+) -> int:
+    """About what one save writes: the resumable state (every weight and buffer, AdamW's two moments of the trained
+    parameters, the RNGs) and the phase's last and best weights."""
+    weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    return 3 * weights + 2 * 4 * sum(p.numel() for p in trainable) + 2**20
+
+def _free_bytes(folder) -> int:
+    "Free bytes on the file system where `folder` is, or would be created."
+    p = Path(folder).absolute()
+    while not p.exists(): p = p.parent
+    return shutil.disk_usage(p).free
+
+def _size(n: int) -> str: return f"{n / 2**20:,.1f} MB" if n >= 2**20 else f"{n / 2**10:,.0f} kB"
+
+def _why(e) -> str:
+    "A failed write in a few words: the OS's reason, else the error's first line."
+    if e is None: return "it failed on another process"
+    if isinstance(e, OSError) and e.strerror: return e.strerror
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+class Checkpointer:
+    """Where the run's resumable states go. Each is written whole into a hidden folder, renamed to
+    `states/<phase>-epochE-stepS`, then named in `progress.json`, which is the commit; the newest
+    `checkpoints.keep_states` are kept. Inside an epoch it saves every `save_every_steps` steps or `save_every_minutes`
+    minutes, and when a signal asks the run to stop. A write that fails (a full disk) removes what it wrote and stops
+    the run with one line naming the folder and the space a save needs: the previous state is untouched."""
+    def __init__(self, accelerator: Accelerator, out, cfg: Config, signals: StopSignals):
+        self.acc, self.out, self.c, self.signals = accelerator, Path(out), cfg.checkpoints, signals
+        self.max_bad = cfg.training.max_nonfinite_steps
+        self.need, self.last = 2**20, time.monotonic()     # `need`: bytes of one save of the phase (`save_bytes`)
+
+    def due(self, state) -> bool:
+        "A save inside the epoch is due after this step (every process votes; `poll` agrees)."
+        c = self.c
+        return bool((c.save_every_steps and state.step % c.save_every_steps == 0) or
+                    (c.save_every_minutes and time.monotonic() - self.last >= 60 * c.save_every_minutes))
+
+    def failure(self, what: str, err) -> SaveFailed:
+        "The one line of a failed save."
+        st = _read_json(self.out / PROGRESS_FILE, {}).get('state')
+        kept = f"the last saved state, {self.out / st}, is intact" if st else "no resumable state was saved before it"
+        return SaveFailed(f"checkpoints.save_dir {self.out}: could not write {what} ({_why(err)}); {_size(_free_bytes(self.out))} "
+                          f"free there, one save needs about {_size(self.need)}: free some space or set checkpoints.save_dir "
+                          f"elsewhere, then run again with --resume ({kept})")
+
+    def guarded(self, what: str, write, everywhere: bool = False):
+        "Run `write` on the main process (or on every process); if it fails anywhere, every process raises the same `SaveFailed`."
+        err = None
+        if everywhere or self.acc.is_main_process:
+            try: write()
+            except Exception as e: err = e
+        if _agree_max([err is not None], self.signals.group)[0]: raise self.failure(what, err)
+
+    def save(self, state, progress: dict) -> Path:
+        "Save the resumable state (every process takes part: each writes its RNGs), then commit it in `progress` and on disk."
+        name = f"{STATES_DIR}/{phase_name(state.stage)}-epoch{state.epoch:03d}-step{state.step:07d}"
+        final = self.out / name
+        tmp = final.with_name(f'.{final.name}.partial')
+        if progress.get('state') == name and final.is_dir(): return final    # nothing new since (a stop right after resuming)
+        def clear():                                           # leftovers of an interrupted save; never the committed state
+            for p in (tmp, final): shutil.rmtree(p, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.guarded(f'a resumable state into {tmp.parent}', clear)
+        def write():
+            try: self.acc.save_state(str(tmp))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True); raise
+        self.guarded(f'the resumable state {final}', write, everywhere=True)
+        kept = [s for s in progress.get('states', []) if s != name] + [name]
+        new = {**progress, 'stage': state.stage, 'epoch': state.epoch, 'batch': state.batch, 'state': name,
+               'states': kept[-self.c.keep_states:]}
+        def commit():
+            try:
+                os.replace(tmp, final)
+                _write_json(self.out / PROGRESS_FILE, new)
+            except BaseException:
+                for p in (tmp, final): shutil.rmtree(p, ignore_errors=True)
+                raise
+            for old in kept[:-self.c.keep_states]: shutil.rmtree(self.out / old, ignore_errors=True)
+        self.guarded(f'the resumable state {final}', commit)
+        progress.clear(); progress.update(new)
+        self.last = time.monotonic()
+        return final
+
+    def after_step(self, run, state, progress: dict, tally=None):
+        """After an optimiser step (`tally` given) or an epoch's evaluation: save if a save is due or a signal came,
+        and stop on a signal with one line saying where and how to continue."""
+        signum, due = self.signals.poll(tally is not None and self.due(state))
+        if not (signum or due): return
+        if tally is not None:
+            tally.check(run.title, state.epoch, self.max_bad)     # the counters into `state` (one host read)
+            tally.store(state)
+        path = self.save(state, progress)
+        if not signum: return
+        where = (f"after step {state.step} (epoch {state.epoch + 1}, batch {state.batch} of {len(run.train_dl)})" if state.batch
+                 else f"after epoch {state.epoch}")
+        raise TrainingStopped(f"{run.title}: stopped by {signal.Signals(signum).name} {where}; saved in {path}. "
+                              "Continue with the same command and --resume")
+
+
 # %% ../nbs/10_train.ipynb #c5d1a7e3
-PROGRESS_FILE = 'progress.json'   # which phases are done, and which phase the saved `state/` belongs to
+PROGRESS_FILE = 'progress.json'   # which phases are done, and the resumable state a --resume continues from
 
 @dataclass
 class TrainState:
@@ -231,6 +404,8 @@ class TrainState:
     best: dict = field(default_factory=lambda: {'psnr': -math.inf})   # best validation: psnr, ssim, epoch
     skipped: int = 0                    # steps skipped for non-finite gradients (the optimiser left the weights as they were)
     bad_in_row: int = 0                 # the longest run of them in a row, read every `log_every` steps
+    batch: int = 0                      # batches of epoch `epoch` done: > 0 in a state saved inside an epoch
+    tally: dict = field(default_factory=dict)   # that epoch's loss sums so far (`StepTally.store`), so its mean stays whole
 
     def start(self, k: int):
         "A fresh phase k (`load_state` then overwrites it when the run resumes inside the phase)."
@@ -253,9 +428,15 @@ class StageRun:
     val_dl: object
     losses: list             # its loss, or every stage's (the end-to-end phase)
 
+    def close(self):
+        "Shut its loaders' worker processes down (at the phase's end, and when the run stops)."
+        stop_workers(self.train_dl, self.val_dl)
+
 def setup_stage(k, cfg: Config, model, data, meta, accelerator: Accelerator, out) -> StageRun:
-    "Phase k: the earlier stages' best weights, the stage unfrozen, its losses, loaders, optimiser and schedule, prepared."
+    """Phase k: the earlier stages' best weights, the stage unfrozen, its losses, loaders, optimiser and schedule, prepared.
+    Its random draws start from `phase_seed(seed, k)`: the phase trains the same whether the process trained others before it."""
     t, s = cfg.training, phase_schedule(cfg, k)
+    set_seed(phase_seed(t.seed, k))
     title, n = phase_title(k), phase_grid(cfg, k)
     if k > 1:
         prev = out / f'{phase_name(k - 1)}_best.safetensors'
@@ -283,70 +464,76 @@ def describe_stage(run: StageRun, accelerator: Accelerator) -> str:
             f"{len(run.val_dl.dataset)} validation patients, {s.num_epochs} epochs × {len(run.train_dl)} batches of {s.batch_size} "
             f"on {accelerator.num_processes} process(es), {sum(p.numel() for p in net.trainable_parameters()):,} trainable parameters")
 
-def train_one_epoch(run: StageRun, state: TrainState, epoch: int, cfg: Config, accelerator: Accelerator, progress_bar=True) -> dict:
+def train_one_epoch(run: StageRun, state: TrainState, epoch: int, cfg: Config, accelerator: Accelerator,
+                    saver: Checkpointer, progress: dict, progress_bar=True) -> dict:
     """One epoch of phase `run.k`: mean training loss terms over its good steps. No host sync inside a step: the
-    non-finite check, the step's skip and the sums stay on the device, read every `training.log_every` steps."""
+    non-finite check, the step's skip and the sums stay on the device, read every `training.log_every` steps. After
+    each optimiser step `saver` saves when a save is due or a signal came (and then stops the run). A run resumed
+    inside the epoch skips the batches it did (`state.batch`): the same batches, crops and random draws follow."""
     from tqdm.auto import tqdm
     t = cfg.training
     net = accelerator.unwrap_model(run.model)
     run.model.train(); net.set_stage(net.stage)                  # frozen parts back to eval mode
     run.train_dl.set_epoch(epoch)
+    start = state.batch                                          # > 0 only in the epoch a run resumed inside
+    loader = accelerator.skip_first_batches(run.train_dl, start) if start else run.train_dl
     tally = StepTally(accelerator.device, state)
-    bar = tqdm(run.train_dl, desc=f'{run.title} epoch {epoch + 1}/{run.schedule.num_epochs}', leave=False,
-               disable=not (progress_bar and accelerator.is_local_main_process))
-    for i, batch in enumerate(bar):
-        with accelerator.accumulate(run.model):
-            loss, terms = _stage_step(run.model, batch, run.losses, accelerator, _step_crop(run.schedule, run.n, t.seed, epoch, i))
-            accelerator.backward(loss)
+    bar = tqdm(loader, desc=f'{run.title} epoch {epoch + 1}/{run.schedule.num_epochs}', leave=False, initial=start,
+               total=len(run.train_dl), disable=not (progress_bar and accelerator.is_local_main_process))
+    try:
+        for i, batch in enumerate(bar, start):
+            with accelerator.accumulate(run.model):
+                loss, terms = _stage_step(run.model, batch, run.losses, accelerator, _step_crop(run.schedule, run.n, t.seed, epoch, i))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    ok = _finite_gradients(net, accelerator, t.gradient_clip)    # the same on every process: gradients are all-reduced
+                    skip_step_unless(run.opt, ok)
+                    state.step += 1
+                    tally.add(loss, terms, ok)
+                run.opt.step(); run.sched.step(); run.opt.zero_grad(set_to_none=True)
+            if (i + 1) % t.log_every == 0:
+                tally.check(run.title, epoch, t.max_nonfinite_steps)             # the one host read
+                bar.set_postfix(loss=f"{tally.last_loss:.4f}")
             if accelerator.sync_gradients:
-                ok = _finite_gradients(net, accelerator, t.gradient_clip)    # the same on every process: gradients are all-reduced
-                skip_step_unless(run.opt, ok)
-                state.step += 1
-                tally.add(loss, terms, ok)
-            run.opt.step(); run.sched.step(); run.opt.zero_grad(set_to_none=True)
-        if (i + 1) % t.log_every == 0:
-            tally.check(run.title, epoch, t.max_nonfinite_steps)             # the one host read
-            bar.set_postfix(loss=f"{tally.last_loss:.4f}")
+                state.batch = i + 1
+                saver.after_step(run, state, progress, tally)                   # a save due, or a signal: save (and stop)
+    finally:
+        if loader is not run.train_dl: stop_workers(loader)
     tally.check(run.title, epoch, t.max_nonfinite_steps)
     return tally.means()
 
 def evaluate_and_save(run: StageRun, state: TrainState, epoch: int, train_means: dict, cfg: Config, accelerator: Accelerator,
-                      out, data, meta, metrics_log, progress: dict, say):
-    "Validate the epoch, log it, save the last and (if better) the best weights, and every `save_every` epochs the resumable state."
+                      out, data, meta, metrics_log, progress: dict, say, saver: Checkpointer):
+    """Validate the epoch, log it, save the last and (if better) the best weights, and every `save_every` epochs the
+    resumable state; then stop if a signal came meanwhile."""
     val = validate(run.model, run.val_dl, min(run.k, 3), accelerator)
-    state.epoch = epoch + 1
+    state.epoch, state.batch, state.tally = epoch + 1, 0, {}
     metrics_log(run.k, state.epoch, state.step, {**train_means, 'val_psnr': val['psnr'], 'val_ssim': val['ssim'],
                                                  'lr': run.sched.get_last_lr()[0], 'skipped_steps': state.skipped})
     info = _weights_info(run, state.epoch, {'val_psnr': val['psnr'], 'val_ssim': val['ssim'], **train_means}, cfg, accelerator, data, meta)
     better = val['psnr'] > state.best['psnr']
     if better: state.best = {'psnr': val['psnr'], 'ssim': val['ssim'], 'epoch': state.epoch}
     weights = accelerator.get_state_dict(run.model)            # every process takes part (sharded training gathers here)
-    if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(run.model), out / f'{run.phase}_last.safetensors', info, weights)
-        if better: save_weights(accelerator.unwrap_model(run.model), out / f'{run.phase}_best.safetensors', info, weights)
-    accelerator.wait_for_everyone()
+    net = accelerator.unwrap_model(run.model)
+    for kind in ('last', 'best') if better else ('last',):
+        path = out / f'{run.phase}_{kind}.safetensors'
+        saver.guarded(f'the weights {path}', lambda: save_weights(net, path, info, weights))
     say(f"{run.title} epoch {state.epoch}/{run.schedule.num_epochs}: train loss {train_means.get('train_loss', float('nan')):.4f}, "
         f"val PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}" + (f" ({state.skipped} non-finite steps skipped)" if state.skipped else ''))
     if state.epoch % cfg.checkpoints.save_every == 0 or state.epoch == run.schedule.num_epochs:
-        save_progress(accelerator, out, state, progress)
+        saver.save(state, progress)
+    saver.after_step(run, state, progress)                   # a signal during the evaluation: save (if not just saved) and stop
 
-def finish_stage(run: StageRun, state: TrainState, cfg: Config, accelerator: Accelerator, out, data, meta, say) -> dict:
+def finish_stage(run: StageRun, state: TrainState, cfg: Config, accelerator: Accelerator, out, data, meta, say, saver: Checkpointer) -> dict:
     "The phase's best (a phase of 0 epochs: the stage as initialised is its best)."
     if run.schedule.num_epochs == 0:
-        weights = accelerator.get_state_dict(run.model)
-        if accelerator.is_main_process:
-            save_weights(accelerator.unwrap_model(run.model), out / f'{run.phase}_best.safetensors',
-                         _weights_info(run, 0, {}, cfg, accelerator, data, meta), weights)
+        weights, path = accelerator.get_state_dict(run.model), out / f'{run.phase}_best.safetensors'
+        info = _weights_info(run, 0, {}, cfg, accelerator, data, meta)
+        saver.guarded(f'the weights {path}', lambda: save_weights(accelerator.unwrap_model(run.model), path, info, weights))
     accelerator.wait_for_everyone()
     say(f"{run.title} done: best val PSNR {state.best['psnr']:.2f} dB (epoch {state.best.get('epoch', 0)}) -> {out / f'{run.phase}_best.safetensors'}")
     return dict(state.best)
 
-def save_progress(accelerator: Accelerator, out, state: TrainState, progress: dict):
-    "The resumable state (accelerate's `save_state`, the `TrainState` included), then the record of which phase it belongs to."
-    accelerator.save_state(str(out / 'state'))
-    if accelerator.is_main_process:
-        _write_json(out / PROGRESS_FILE, {**progress, 'stage': state.stage, 'epoch': state.epoch, 'state': 'state'})
-    accelerator.wait_for_everyone()
 
 
 # %% ../nbs/10_train.ipynb #ee24d969
@@ -422,10 +609,13 @@ def skip_step_unless(opt, ok: torch.Tensor):
             for p in group['params']: p.grad = None
 
 class StepTally:
-    "Sums of the loss terms over good steps and the non-finite counters, kept on the device; `check` reads them."
+    """Sums of the loss terms over good steps and the non-finite counters, kept on the device; `check` reads them.
+    In the epoch a run resumed inside, it starts from the sums saved with the state (`store`)."""
     def __init__(self, device, state: TrainState):
-        self.device, self.state, self.sums = device, state, {}
-        self.good = torch.zeros((), device=device)
+        saved = state.tally if state.batch else {}
+        self.device, self.state = device, state
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in saved.get('sums', {}).items()}
+        self.good = torch.tensor(float(saved.get('good', 0)), device=device)
         self.bad = torch.zeros((), device=device)            # skipped steps since the last read
         self.run = torch.full((), float(state.bad_in_row), device=device)   # current run of skips in a row
         self.longest = self.run.clone()
@@ -449,6 +639,10 @@ class StepTally:
         if longest >= limit:
             raise RuntimeError(f"{title}: {int(longest)} non-finite losses in a row (epoch {epoch + 1}); stopped. The last saved "
                                "state is untouched: lower the learning rate or check the data, then --resume")
+
+    def store(self, state: TrainState):
+        "The epoch's sums so far into `state`, for a save inside the epoch (one host read; float32 values, restored exactly)."
+        state.tally = {'good': float(self.good), 'sums': {k: float(v) for k, v in self.sums.items()}}
 
     def means(self) -> dict:
         "Mean of each term over the good steps (read once, at the end of the epoch)."
@@ -511,7 +705,8 @@ def train(
     progress_bar: bool = True,    # tqdm bars on the main process
     log=None,                     # printing function (default: accelerator.print)
 ) -> dict:                        # per stage: best epoch and validation metrics
-    "Train the cascade stage by stage with accelerate; returns what each stage reached."
+    """Train the cascade stage by stage with accelerate; returns what each stage reached. A SIGTERM or SIGINT stops
+    every process after the current step, saved: `TrainingStopped`, and `--resume` continues from that step."""
     stages = default_stages(cfg) if stages is None else tuple(stages)
     out = resolve_path(cfg.checkpoints.save_dir)
     accelerator = make_accelerator(cfg, cpu, project_dir=out)
@@ -535,23 +730,32 @@ def train(
     state = TrainState()                                      # epoch, step, best and non-finite counters of the phase
     accelerator.register_for_checkpointing(state)             # saved and restored with the weights, optimiser, RNGs
     results = dict(progress.get('results', {}))
-    for k in stages:
-        if k in progress.get('stages_done', []):
-            say(f"{phase_title(k)}: done in an earlier run ({out / f'{phase_name(k)}_best.safetensors'})"); continue
-        run = setup_stage(k, cfg, model, data, meta, accelerator, out)
-        state.start(k)
-        if progress.get('stage') == k:                         # --resume inside this phase: its last saved state
-            accelerator.load_state(str(out / 'state'))
-            say(f"{run.title}: resumed after epoch {state.epoch} from {out / 'state'}")
-        say(describe_stage(run, accelerator))
-        for epoch in range(state.epoch, run.schedule.num_epochs):
-            train_means = train_one_epoch(run, state, epoch, cfg, accelerator, progress_bar)
-            evaluate_and_save(run, state, epoch, train_means, cfg, accelerator, out, data, meta, metrics_log, progress, say)
-        results[run.phase] = finish_stage(run, state, cfg, accelerator, out, data, meta, say)
-        progress = {'stages_done': sorted(set(progress.get('stages_done', [])) | {k}), 'results': results}
-        if accelerator.is_main_process: _write_json(out / PROGRESS_FILE, progress)
-        accelerator.wait_for_everyone()
-        accelerator.free_memory()                              # the next phase prepares its own optimiser and loaders
+    with StopSignals() as signals:                            # from here a signal stops the run after its step, saved
+        saver = Checkpointer(accelerator, out, cfg, signals)
+        for k in stages:
+            if k in progress.get('stages_done', []):
+                say(f"{phase_title(k)}: done in an earlier run ({out / f'{phase_name(k)}_best.safetensors'})"); continue
+            run = setup_stage(k, cfg, model, data, meta, accelerator, out)
+            saver.need = save_bytes(model, model.trainable_parameters())
+            state.start(k)
+            if progress.get('stage') == k and progress.get('state'):     # --resume inside this phase: its last saved state
+                accelerator.load_state(str(out / progress['state']))
+                where = (f"inside epoch {state.epoch + 1} after batch {state.batch} (step {state.step})" if state.batch
+                         else f"after epoch {state.epoch}")
+                say(f"{run.title}: resumed {where} from {out / progress['state']}")
+            say(describe_stage(run, accelerator))
+            try:
+                for epoch in range(state.epoch, run.schedule.num_epochs):
+                    train_means = train_one_epoch(run, state, epoch, cfg, accelerator, saver, progress, progress_bar)
+                    evaluate_and_save(run, state, epoch, train_means, cfg, accelerator, out, data, meta, metrics_log, progress, say, saver)
+            except TrainingStopped as e:
+                say(str(e)); raise
+            finally: run.close()
+            results[run.phase] = finish_stage(run, state, cfg, accelerator, out, data, meta, say, saver)
+            progress = {'stages_done': sorted(set(progress.get('stages_done', [])) | {k}), 'results': results,
+                        'states': progress.get('states', [])}
+            saver.guarded(str(out / PROGRESS_FILE), lambda: _write_json(out / PROGRESS_FILE, progress))
+            accelerator.free_memory()                          # the next phase prepares its own optimiser and loaders
     accelerator.end_training()
     return results
 
@@ -625,10 +829,32 @@ def check_resume(cfg: Config, out) -> str:
             shown = '; '.join(f"{k}: {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now" for k in diff[:3])
             raise InputError(f"--resume: {out} was written with another configuration ({shown}): resume with its config.json, "
                              "or train into another checkpoints.save_dir")
-    if progress.get('state') and not (out / progress['state']).is_dir():
-        raise InputError(f"--resume: {out / PROGRESS_FILE} points at {out / progress['state']}, which is missing")
-    where = f", {phase_title(progress['stage'])} after epoch {progress['epoch']}" if progress.get('state') else ''
+    if progress.get('state'):
+        st = out / progress['state']
+        if not st.is_dir(): raise InputError(f"--resume: {out / PROGRESS_FILE} points at {st}, which is missing")
+        if not (st / 'custom_checkpoint_0.pkl').is_file():
+            raise InputError(f"--resume: {st} was saved by an earlier version of the kit and lacks custom_checkpoint_0.pkl (where "
+                             f"the phase stands): remove its 'state' entry from {out / PROGRESS_FILE} to train {phase_title(progress['stage'])} again from its start")
+    at = f", batch {progress['batch']}" if progress.get('batch') else ''
+    where = f", {phase_title(progress['stage'])} after epoch {progress['epoch']}{at}" if progress.get('state') else ''
     return f"resume: {', '.join(phase_title(k) for k in progress.get('stages_done', [])) or 'no phase'} done{where}"
+
+def check_space(cfg: Config, stages) -> str:
+    """Free space where the run writes, for one save of the largest requested phase (`save_bytes`: its resumable state
+    and its last and best weights); measured on a model built on the meta device (shapes only, no memory)."""
+    out, d = resolve_path(cfg.checkpoints.save_dir), cfg.data
+    geometry = dataset_geometry(d)
+    with torch.device('meta'): model = ProgressiveCascadeModel(cfg.model_config(), geometry, d.fov_mm)
+    need = 0
+    for k in stages:
+        model.set_stage(k if k <= 3 else 'all')
+        need = max(need, save_bytes(model, model.trainable_parameters()))
+    free = _free_bytes(out)
+    kept = f"; {cfg.checkpoints.keep_states} states are kept" if cfg.checkpoints.keep_states > 1 else ''
+    if free < need:
+        raise InputError(f"checkpoints.save_dir {out}: {_size(free)} free, but one save needs about {_size(need)} (a resumable "
+                         f"state and the last and best weights{kept}): free some space or set checkpoints.save_dir elsewhere")
+    return f"space: {_size(free)} free for {out}, one save needs about {_size(need)}{kept}"
 
 def preflight(
     cfg: Config,            # the run's configuration
@@ -640,7 +866,7 @@ def preflight(
     out, lines = resolve_path(cfg.checkpoints.save_dir), []
     if not dry_run:
         if why := _writable(out): raise InputError(f"checkpoints.save_dir {out}: the run cannot write there ({why})")
-        lines.append(f"output folder {out}: writable")
+        lines += [f"output folder {out}: writable", check_space(cfg, stages)]
     lines += [check_dataset(cfg, stages), check_vgg(cfg, stages)]
     if resume and not dry_run: lines.append(check_resume(cfg, out))
     done = set((_read_json(out / PROGRESS_FILE, {}) if resume else {}).get('stages_done', []))
@@ -731,7 +957,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--stages', help='stages to train, in order, from 1,2,3,e2e (default 1,2,3, and e2e when training.end_to_end.num_epochs > 0)')
     p.add_argument('--end-to-end', type=int, metavar='EPOCHS', help='after the stages, fine-tune every stage together for EPOCHS epochs '
                    '(each stage keeps its own loss: deep supervision); sets training.end_to_end.num_epochs')
-    p.add_argument('--resume', action='store_true', help='continue from the last saved state in checkpoints.save_dir')
+    p.add_argument('--resume', action='store_true', help='continue from the last saved state in checkpoints.save_dir (inside an epoch '
+                   'where the run saved or was stopped there)')
     p.add_argument('--dry-run', action='store_true', help='check everything, take two training steps of each requested stage at '
                    'the configured shapes, print their time and peak memory, and exit without writing anything')
     p.add_argument('--cpu', action='store_true', help='train on the CPU even where a GPU is present')
@@ -765,7 +992,8 @@ def command_main(
     run,                  # run(args): the command
     argv=None,            # arguments (default: sys.argv[1:])
 ) -> int:                 # exit code: 0, or 2 on bad input
-    "A `python -m` entry point: argparse and `InputError` both end in one line on stderr and exit code 2."
+    """A `python -m` entry point: argparse and `InputError` both end in one line on stderr and exit code 2; a run
+    stopped by a signal after saving (it said where) exits with `EXIT_STOPPED` (75)."""
     class OneLine(argparse.ArgumentParser):
         def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
     args = add_arguments(OneLine(prog=prog, description=description)).parse_args(argv)
@@ -773,6 +1001,7 @@ def command_main(
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped: return EXIT_STOPPED
     return 0
 
 def main(argv=None) -> int:

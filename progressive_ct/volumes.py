@@ -18,8 +18,9 @@ from .geometry import InputError, as_spacing
 
 # %% auto #0
 __all__ = ['AXCODES', 'MIN_SLICES', 'MAX_SPACING_MM', 'HU_PLUS_1024_POLICIES', 'AIR_HU', 'BODY_HU', 'Volume', 'ipl_affine',
-           'atomic_write', 'load_nifti', 'save_nifti', 'reorient_to_ipl', 'load_dicom_series', 'write_dicom_series',
-           'load_ct', 'check_ct', 'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask', 'canonical_ct', 'ingest_ct']
+           'file_mode', 'atomic_write', 'load_nifti', 'save_nifti', 'reorient_to_ipl', 'load_dicom_series',
+           'write_dicom_series', 'load_ct', 'check_ct', 'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask',
+           'canonical_ct', 'ingest_ct']
 
 # %% ../nbs/03_volumes.ipynb #e9b0f882
 AXCODES = ('I', 'P', 'L')   # where the voxel axes (D, H, W) point: inferior, posterior, patient's left
@@ -57,17 +58,34 @@ def _atomic_path(path: Path):
     os.close(fd)
     return Path(tmp)
 
+def _current_umask() -> int:
+    "The process's umask, read without changing it where Linux shows it (/proc/self/status); else set and restored."
+    try:
+        for line in Path('/proc/self/status').read_text().splitlines():
+            if line.startswith('Umask:'): return int(line.split()[1], 8)
+    except OSError: pass
+    old = os.umask(0o022); os.umask(old)
+    return old
+
 # %% ../nbs/03_volumes.ipynb #76d88d08
+def file_mode(
+    mode: int = 0o666,   # what a plain `open(..., 'w')` asks for
+) -> int:
+    "The permissions a new file gets under the current umask, as any other program's outputs do (0o644 under umask 022)."
+    return mode & ~_current_umask()
+
 def atomic_write(
     path,     # final file name
     write,    # function writing to the temporary path it is given
 ):
-    "Write a file under a temporary name beside `path`, then rename it into place: never a half-written `path`."
+    """Write a file under a temporary name beside `path`, then rename it into place: never a half-written `path`.
+    The file gets the umask's permissions (a temporary file is created private, 0600; it is opened up before the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
