@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import progressive_ct
 from .geometry import Geometry, InputError
-from .volumes import atomic_write
+from .volumes import atomic_write, file_mode
 from .dataset import (CTDataset, DEFAULT_PHANTOMS, META_FILE, cache_grids, collate, dataset_geometry, load_metadata,
                                     prepare, radiograph_reference)
 from .cascade import ProgressiveCascadeModel, crop_slices, paste_crop, random_crop, resize_volume
@@ -310,7 +311,9 @@ def _why(e) -> str:
     "A failed write in a few words: the OS's reason, else the error's first line."
     if e is None: return "it failed on another process"
     if isinstance(e, OSError) and e.strerror: return e.strerror
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    os_error = re.search(r'error: ([^:(]+?) \(os error \d+\)', text)      # safetensors' wording of an OSError
+    return os_error.group(1) if os_error else text[:200]
 
 class Checkpointer:
     """Where the run's resumable states go. Each is written whole into a hidden folder, renamed to
@@ -365,6 +368,8 @@ class Checkpointer:
                'states': kept[-self.c.keep_states:]}
         def commit():
             try:
+                for f in [tmp, *tmp.rglob('*')]:                # some writers create files private: the umask's permissions, as any output
+                    os.chmod(f, file_mode(0o777 if f.is_dir() else 0o666))
                 os.replace(tmp, final)
                 _write_json(self.out / PROGRESS_FILE, new)
             except BaseException:
@@ -386,6 +391,8 @@ class Checkpointer:
             tally.store(state)
         path = self.save(state, progress)
         if not signum: return
+        stopped = {**progress, 'stopped': signal.Signals(signum).name}     # a job script can tell "stopped, saved" from "failed"
+        self.guarded(str(self.out / PROGRESS_FILE), lambda: _write_json(self.out / PROGRESS_FILE, stopped))
         where = (f"after step {state.step} (epoch {state.epoch + 1}, batch {state.batch} of {len(run.train_dl)})" if state.batch
                  else f"after epoch {state.epoch}")
         raise TrainingStopped(f"{run.title}: stopped by {signal.Signals(signum).name} {where}; saved in {path}. "
@@ -713,6 +720,7 @@ def train(
     say = log or accelerator.print
     for line in preflight(cfg, stages, resume): say(f"preflight: {line}")      # everything every stage needs, before any step
     progress = _read_json(out / PROGRESS_FILE, {}) if resume else {}
+    progress.pop('stopped', None)                              # the stop it continues from, if any
     if resume and not progress: say(f"{out}: nothing to resume (no {PROGRESS_FILE}); starting from the beginning")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
