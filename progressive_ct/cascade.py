@@ -502,6 +502,21 @@ class ProgressiveCascadeModel(nn.Module):
         if isinstance(geometry, dict): geometry = Geometry.from_dict(geometry)
         return cls(ModelConfig().replace(**c), geometry, fov_mm)
 
+    def save_pretrained(self,
+                        folder,        # where to write config.json, model.safetensors and README.md
+                        **kwargs):     # stage, radiograph_reference, evaluation, trained_on (see `progressive_ct.hub.save_pretrained`)
+        "Write the cascade the way the Hugging Face Hub expects (configuration, safetensors weights, model card)."
+        from progressive_ct.hub import save_pretrained
+        return save_pretrained(self, folder, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls,
+                        name_or_path,              # a folder written by `save_pretrained` / `progressive-ct export`, or a Hub repo id
+                        revision: str | None = None):  # a branch, tag or commit of the repo
+        "A pretrained cascade, its weights checked against the checksum its configuration records (eval mode)."
+        from progressive_ct.hub import load_pretrained
+        return load_pretrained(name_or_path, revision)[0]
+
     @property
     def stages(self) -> list:
         "The three stage modules."

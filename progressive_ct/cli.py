@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .geometry import PRESETS, Geometry, InputError, geometry_preset, hu_to_mu
+from .geometry import PRESETS, Geometry, InputError, OneLineParser, command_main, geometry_preset, hu_to_mu
 from .drr import drr_display, render_drr
 from .volumes import Volume, atomic_write, load_nifti
 
@@ -86,15 +86,10 @@ def _quickstart(args):
     quickstart(args.out, args.config)
 
 # %% ../nbs/99_cli.ipynb #b1e30e8c
-class _Parser(argparse.ArgumentParser):
-    "argparse, with errors as one line and exit code 2 (argparse's own convention)."
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 def build_parser() -> argparse.ArgumentParser:
     "The `progressive-ct` argument parser, one subparser per subcommand."
-    p = _Parser(prog='progressive-ct', description='Reconstruct a CT volume from two radiographs with a progressive cascade.')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
+    p = OneLineParser(prog='progressive-ct', description='Reconstruct a CT volume from two radiographs with a progressive cascade.')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=OneLineParser)
     d = sub.add_parser('drr', help='render AP and lateral radiographs of a NIfTI CT or a built-in phantom')
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument('--ct', type=Path, help='CT volume (.nii or .nii.gz) in HU')
@@ -118,21 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     from progressive_ct.inference import add_infer_arguments, infer_command
     i = sub.add_parser('infer', help='reconstruct with a trained checkpoint: one patient, a whole split (metrics), or your own radiograph files')
     add_infer_arguments(i).set_defaults(func=infer_command)
+    from progressive_ct.hub import add_export_arguments, export_command
+    x = sub.add_parser('export', help='a training run as a folder the Hugging Face Hub understands (config, safetensors, model card); --push-to-hub uploads it')
+    add_export_arguments(x).set_defaults(func=export_command)
     return p
 
 def main(argv=None) -> int:
-    "Run `progressive-ct`; returns the exit code (0 success, 2 bad input)."
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, 'func', None):
-        parser.print_help()
-        return 2
-    try:
-        args.func(args)
-    except InputError as e:
-        print(f"progressive-ct {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    "Run `progressive-ct`; returns the exit code (0 success, 2 bad input, 75 a training stopped by a signal after saving)."
+    from progressive_ct.train import EXIT_STOPPED, TrainingStopped
+    return command_main(build_parser(), argv, {TrainingStopped: EXIT_STOPPED})
 
 # %% ../nbs/99_cli.ipynb #307a43fd
 #| eval: false

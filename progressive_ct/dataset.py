@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import HU_WINDOW, MU_WATER, PRESETS, Geometry, InputError, geometry_preset, hu_to_unit, unit_to_mu
+from .geometry import (HU_WINDOW, MU_WATER, PRESETS, Geometry, InputError, OneLineParser, command_main,
+                                     geometry_preset, hu_to_unit, unit_to_mu)
 from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
 from .volumes import HU_PLUS_1024_POLICIES, file_mode, ingest_ct, ipl_affine
 
@@ -716,17 +717,9 @@ def add_prepare_parser(
 
 def main(argv=None) -> int:
     "`python -m progressive_ct.dataset prepare ...`: the subcommand on its own (bad input: one line on stderr, exit 2)."
-    import argparse
-    class OneLine(argparse.ArgumentParser):
-        def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
-    parser = OneLine(prog='progressive-ct')
-    add_prepare_parser(parser.add_subparsers(dest='command', required=True, parser_class=OneLine))
-    args = parser.parse_args(argv)
-    try: args.func(args)
-    except InputError as e:
-        print(f"progressive-ct {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    parser = OneLineParser(prog='progressive-ct')
+    add_prepare_parser(parser.add_subparsers(dest='command', required=True, parser_class=OneLineParser))
+    return command_main(parser, argv)
 
 # %% ../nbs/04_dataset.ipynb #27689eb2
 #| eval: false

@@ -3,20 +3,46 @@
 # %% ../nbs/00_geometry.ipynb #545d4e94
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from dataclasses import dataclass, replace, asdict
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['MU_WATER', 'HU_WINDOW', 'VIEWS', 'PRESETS', 'InputError', 'hu_to_mu', 'mu_to_hu', 'hu_to_unit', 'unit_to_hu',
-           'unit_to_mu', 'View', 'get_view', 'Geometry', 'voxel_centres', 'as_spacing', 'project_points',
-           'voxel_to_detector', 'fit_to_volume', 'box', 'ellipsoid', 'geometry_preset']
+__all__ = ['MU_WATER', 'HU_WINDOW', 'VIEWS', 'PRESETS', 'InputError', 'OneLineParser', 'command_main', 'hu_to_mu', 'mu_to_hu',
+           'hu_to_unit', 'unit_to_hu', 'unit_to_mu', 'View', 'get_view', 'Geometry', 'voxel_centres', 'as_spacing',
+           'project_points', 'voxel_to_detector', 'fit_to_volume', 'box', 'ellipsoid', 'geometry_preset']
 
 # %% ../nbs/00_geometry.ipynb #8f5bca5a
 class InputError(ValueError):
     "Bad user input (file, value or option): the message names it and says what is wrong."
+
+class OneLineParser(argparse.ArgumentParser):
+    "argparse whose usage errors are one line on stderr with exit code 2 (argparse's own code), as an `InputError` is."
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
+
+def command_main(
+    parser: argparse.ArgumentParser,  # a `OneLineParser` whose arguments (or subcommands) set `func`
+    argv=None,                        # the arguments (default: sys.argv[1:])
+    quiet_exits: dict | None = None,  # exception type -> exit code, for exceptions that have already said what happened
+) -> int:                             # 0, 2 on bad input, or a `quiet_exits` code
+    "Every command of the kit: parse, run `func(args)`; an `InputError` ends in one line on stderr and exit code 2."
+    args = parser.parse_args(argv)
+    func = getattr(args, 'func', None)
+    if func is None:
+        parser.print_help()
+        return 2
+    name = f"{parser.prog} {args.command}" if getattr(args, 'command', None) else parser.prog
+    quiet = quiet_exits or {}
+    try: func(args)
+    except InputError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except tuple(quiet) as e: return next(code for kind, code in quiet.items() if isinstance(e, kind))
+    return 0
 
 # %% ../nbs/00_geometry.ipynb #f8d5512d
 MU_WATER = 0.0206  # linear attenuation of water at 60 keV, 1/mm (NIST XCOM: 0.2059 cm^2/g)

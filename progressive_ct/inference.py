@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
@@ -17,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .geometry import Geometry, InputError, unit_to_hu
+from .geometry import Geometry, InputError, OneLineParser, command_main, unit_to_hu
 from .drr import normalize_radiograph
 from .volumes import atomic_write, save_nifti
 from .dataset import CTDataset, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import DRRReprojectionLoss, resample_radiographs
 from .metrics import oracles, stage_metrics, volume_metrics, X2CT_PEAK
-from .train import command_main, load_weights
+from .train import load_weights
 
 # %% auto #0
 __all__ = ['PICKLED_SUFFIXES', 'CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'DICOM_SUFFIXES', 'METRIC_DEFINITIONS', 'MODES',
@@ -64,10 +65,15 @@ def _model_from_record(record: dict, side: Path) -> ProgressiveCascadeModel:
     raise InputError(f"{side}: neither the model's arguments ('model') nor its run configuration and dataset: cannot rebuild the model")
 
 def load_checkpoint(
-    path,                   # a .safetensors weights file or a run folder
+    path,                   # a .safetensors weights file, a run folder, an exported folder or a Hugging Face Hub repo id
     device='cpu',           # where the model goes
 ) -> tuple:                 # (model in eval mode, record: the JSON beside the weights, with 'file' and 'stage')
     "Rebuild the cascade of a checkpoint and load its weights (safetensors: nothing is unpickled)."
+    from progressive_ct.hub import is_pretrained_folder, is_repo_id, load_pretrained
+    p = Path(path)
+    if is_pretrained_folder(p) or (not p.exists() and is_repo_id(str(path))):
+        model, record = load_pretrained(path)                  # an exported folder, or a Hugging Face Hub repo id
+        return model.to(device).eval(), record
     f = resolve_checkpoint(path)
     side = f.with_suffix('.json')
     if not side.is_file(): raise InputError(f"{f}: no {side.name} beside it: the record of the model's configuration is needed to rebuild the model")
@@ -418,7 +424,7 @@ def add_infer_arguments(
     p: argparse.ArgumentParser,   # the parser to extend
 ) -> argparse.ArgumentParser:
     "The `infer` flags (the seed's, plus --dataset, --split, --xray-ap/--xray-lat and --device)."
-    p.add_argument('--checkpoint', type=Path, required=True, help='stage weights (.safetensors) or a training run folder')
+    p.add_argument('--checkpoint', type=Path, required=True, help='stage weights (.safetensors), a training run folder, a folder written by export, or a Hugging Face Hub repo id (owner/name)')
     p.add_argument('--mode', choices=MODES, default='single', help='single patient, evaluate a split, or your own radiograph files')
     p.add_argument('--sample-idx', type=int, default=0, help='patient index in the split (single; default 0)')
     p.add_argument('--num-samples', type=int, default=100, help='patients to score (evaluate; default 100)')
@@ -432,14 +438,15 @@ def add_infer_arguments(
     return p
 
 def infer_command(args):
-    "Run `run_inference` from parsed arguments."
-    run_inference(args.checkpoint, args.mode, args.output_dir, args.dataset, args.split, args.sample_idx, args.num_samples,
-                  args.save_nifti, args.xray_ap, args.xray_lat, args.device)
+    "Run `run_inference` from parsed arguments, each flag passed to the parameter of its name."
+    names = inspect.signature(run_inference).parameters
+    run_inference(**{k: v for k, v in vars(args).items() if k in names})
 
 def main(argv=None) -> int:
     "`python -m progressive_ct.inference ...`: the `infer` command on its own."
-    return command_main('progressive_ct.inference', 'Reconstruct and evaluate with a trained cascade.',
-                        add_infer_arguments, infer_command, argv)
+    parser = add_infer_arguments(OneLineParser(prog='progressive_ct.inference', description='Reconstruct and evaluate with a trained cascade.'))
+    parser.set_defaults(func=infer_command)
+    return command_main(parser, argv)
 
 # %% ../nbs/13_inference.ipynb #c78113f5
 #| eval: false

@@ -27,7 +27,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 
 import progressive_ct
-from .geometry import Geometry, InputError
+from .geometry import Geometry, InputError, OneLineParser, command_main
 from .volumes import atomic_write, file_mode
 from .dataset import (CTDataset, DEFAULT_PHANTOMS, META_FILE, cache_grids, collate, dataset_geometry, load_metadata,
                                     prepare, radiograph_reference)
@@ -45,7 +45,7 @@ __all__ = ['EXIT_STOPPED', 'STATES_DIR', 'PROGRESS_FILE', 'END_TO_END', 'RESUME_
            'phase_name', 'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages',
            'final_weights', 'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'check_space',
            'preflight', 'config_meta', 'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training',
-           'command_main', 'main']
+           'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -993,28 +993,12 @@ def run_training(args) -> dict:
     if args.dry_run: return dry_run(cfg, stages, cpu=args.cpu)
     return train(cfg, stages, resume=args.resume, cpu=args.cpu, progress_bar=not args.no_progress)
 
-def command_main(
-    prog: str,            # the command's name in messages
-    description: str,     # its help text
-    add_arguments,        # adds the command's flags to a parser and returns it
-    run,                  # run(args): the command
-    argv=None,            # arguments (default: sys.argv[1:])
-) -> int:                 # exit code: 0, or 2 on bad input
-    """A `python -m` entry point: argparse and `InputError` both end in one line on stderr and exit code 2; a run
-    stopped by a signal after saving (it said where) exits with `EXIT_STOPPED` (75)."""
-    class OneLine(argparse.ArgumentParser):
-        def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
-    args = add_arguments(OneLine(prog=prog, description=description)).parse_args(argv)
-    try: run(args)
-    except InputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped: return EXIT_STOPPED
-    return 0
-
 def main(argv=None) -> int:
-    "`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--end-to-end EPOCHS] [--resume] [--dry-run]`; exit 2 on bad input."
-    return command_main('progressive_ct.train', 'Train the progressive cascade.', add_train_arguments, run_training, argv)
+    """`accelerate launch -m progressive_ct.train --config C [--stages 1,2,3] [--end-to-end EPOCHS] [--resume] [--dry-run]`;
+    exit 2 on bad input, `EXIT_STOPPED` (75) when a signal stopped it after saving (it said where)."""
+    parser = add_train_arguments(OneLineParser(prog='progressive_ct.train', description='Train the progressive cascade.'))
+    parser.set_defaults(func=run_training)
+    return command_main(parser, argv, {TrainingStopped: EXIT_STOPPED})
 
 # %% ../nbs/10_train.ipynb #292b3f10
 #| eval: false
