@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .geometry import (HU_WINDOW, MU_WATER, PRESETS, Geometry, InputError, OneLineParser, command_main,
                                      geometry_preset, hu_to_unit, unit_to_mu)
 from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
-from .volumes import HU_PLUS_1024_POLICIES, file_mode, ingest_ct, ipl_affine
+from .volumes import HU_PLUS_1024_POLICIES, dicom_identifiers, file_mode, ingest_ct, ipl_affine
 
 # %% auto #0
 __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS',
@@ -506,6 +506,8 @@ def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, work
             'radiographs': {'stored': 'float32 [views, S, S]', 'formula': 'normalize_radiograph(render_drr(unit_to_mu(hu_to_unit(ct)), spacing_mm, geometry))',
                             'mu_water_per_mm': MU_WATER, 'wet_mm': RADIOGRAPH_WET_MM},
             'splits': splits, 'skipped': skipped}
+    if kind == 'dicom':             # who and which study each series was: what a reconstruction written as DICOM carries over
+        meta['dicom_identifiers'] = {p: dicom_identifiers(built[p]['source']) for p in built}
     report = {'source': meta['source'], 'cache_key': key, 'workers': workers,
               'built': [{'patient_id': p, 'name': built[p]['source'], 'split': split_of[p], 'seconds': seconds[p]} for p in built],
               'skipped': skipped, 'counts': {s: len(v) for s, v in splits.items()},

@@ -20,7 +20,7 @@ import torch
 
 from .geometry import Geometry, InputError, OneLineParser, command_main, unit_to_hu
 from .drr import normalize_radiograph
-from .volumes import atomic_write, save_nifti
+from .volumes import atomic_write, save_nifti, write_dicom_series
 from .dataset import CTDataset, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import DRRReprojectionLoss, resample_radiographs
@@ -264,8 +264,9 @@ def _summarise(rows: list) -> dict:
 def _safe_name(pid) -> str:
     return ''.join(c if c.isalnum() or c in '-_.' else '_' for c in str(pid)) or 'patient'
 
-def _write_patient(model, out, name, xray, volumes, gt, save_nifti_files, fov_mm, views, title):
-    "One patient's volumes (NIfTI), input radiographs (PNG) and figure."
+def _write_patient(model, out, name, xray, volumes, gt, save_nifti_files, fov_mm, views, title, save_dicom=False, identifiers=None):
+    """One patient's volumes (NIfTI; each stage's as a DICOM series), input radiographs (PNG) and figure. A series carries
+    over the patient and study of the DICOM series the patient's CT came from (`identifiers`), marked as derived."""
     from progressive_ct.viewer import sample_figure, figure_png
     folder = Path(out) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,6 +274,12 @@ def _write_patient(model, out, name, xray, volumes, gt, save_nifti_files, fov_mm
     if save_nifti_files:
         for key, v in named.items():
             save_nifti(unit_to_hu(v).numpy(), (fov_mm / v.shape[0],) * 3, folder / f"{key.replace(' ', '_')}.nii.gz", dtype=np.int16)
+    if save_dicom:
+        for k, v in enumerate(volumes, 1):
+            what = f"progressive_ct stage {k} ({v.shape[-1]}³) reconstructed from {' + '.join(views)} radiographs; not a CT acquisition"
+            write_dicom_series(np.round(unit_to_hu(v[0, 0]).numpy()), (fov_mm / v.shape[-1],) * 3, folder / f'stage{k}_dicom',
+                               patient_id=name, series_description=what, series_number=100 + k,
+                               derived_from=identifiers if identifiers is not None else {})
     for view, img in zip(views, xray):
         write_radiograph_png(img, folder / f'{view}.png')
     drrs = {f'stage{k}': reproject(model, v)[0] for k, v in enumerate(volumes, 1)}
@@ -291,6 +298,7 @@ def run_inference(
     sample_idx: int = 0,         # patient index in the split (single)
     num_samples: int = 100,      # patients scored (evaluate): the first ones of the split
     save_nifti: bool = False,    # write NIfTI volumes
+    save_dicom: bool = False,    # write each stage's volume as a DICOM CT series
     xray_ap=None,                # AP radiograph file (files)
     xray_lat=None,               # lateral radiograph file (files)
     device: str | None = None,   # 'cpu', 'cuda', ... (default: CUDA when available)
@@ -319,12 +327,13 @@ def run_inference(
         for (f, (_, how)) in zip((xray_ap, xray_lat), pairs): log(f"{f}: {how}")
         log(f"warning: {FILES_WARNING}")
         items = [{'xray': torch.stack([p[0] for p in pairs])[:, None], 'ct': None, 'patient_id': Path(xray_ap).stem}]
-        data_path = None
+        data_path, identifiers = None, {}
     else:
         data_path = Path(dataset or record.get('dataset') or '')
         if not str(dataset or record.get('dataset') or ''): raise InputError("no dataset: give --dataset (the checkpoint's record names none)")
         meta = load_metadata(data_path)
         check_dataset_fits(model, meta, data_path)
+        identifiers = meta.get('dicom_identifiers', {})             # patients whose CT came from a DICOM series
         ds = CTDataset(data_path, split, model.voxel_dims[-1])        # the ground truth at the checkpoint's top grid
         if len(ds) == 0: raise InputError(f"{data_path}: the {split} split is empty")
         if mode == 'single':
@@ -339,7 +348,7 @@ def run_inference(
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix='.partial-', dir=out))   # the run is written here, then moved into place
     try:
-        summary = _run_items(model, items, upto, views, staging, out, save_nifti, log)
+        summary = _run_items(model, items, upto, views, staging, out, save_nifti, log, save_dicom, identifiers)
     except BaseException:                               # an error or an interrupt part-way: leave `out` as it was
         shutil.rmtree(staging, ignore_errors=True)
         if created: shutil.rmtree(out, ignore_errors=True)
@@ -356,7 +365,7 @@ def run_inference(
         + f" and {summary['n']} patient folder(s)")
     return summary
 
-def _run_items(model, items, upto, views, staging, out, save_nifti, log) -> dict:
+def _run_items(model, items, upto, views, staging, out, save_nifti, log, save_dicom=False, identifiers=None) -> dict:
     "Reconstruct, score and write every patient into `staging`; the summary's per-run part."
     rows, written, seconds = [], [], []
     for item in items:
@@ -366,7 +375,8 @@ def _run_items(model, items, upto, views, staging, out, save_nifti, log) -> dict
         seconds.append(time.perf_counter() - t1)
         name = _safe_name(item['patient_id'])
         gt = item['ct'][None] if item['ct'] is not None else None
-        _write_patient(model, staging, name, xray[:, 0], volumes, gt, save_nifti, model.fov_mm, views, name)
+        _write_patient(model, staging, name, xray[:, 0], volumes, gt, save_nifti, model.fov_mm, views, name, save_dicom,
+                       (identifiers or {}).get(str(item['patient_id'])))
         written.append(str(out / name))
         if gt is not None:
             m = stage_metrics(volumes, gt.float())
@@ -430,6 +440,8 @@ def add_infer_arguments(
     p.add_argument('--num-samples', type=int, default=100, help='patients to score (evaluate; default 100)')
     p.add_argument('--output-dir', type=Path, default=Path('inference_out'), help='output folder (default inference_out)')
     p.add_argument('--save-nifti', action='store_true', help='write NIfTI volumes (HU) of every stage and the ground truth')
+    p.add_argument('--save-dicom', action='store_true', help="write each stage's volume as a DICOM CT series (a folder per stage; "
+                   "a patient whose CT came from a DICOM series keeps its patient and study identifiers, marked as derived)")
     p.add_argument('--dataset', type=Path, help="dataset folder (default: the checkpoint's training dataset)")
     p.add_argument('--split', default='test', help='dataset split (default test)')
     p.add_argument('--xray-ap', type=Path, help='AP radiograph file: PNG, TIFF, NumPy .npy (line integrals) or DICOM (files)')

@@ -17,10 +17,10 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from .geometry import InputError, as_spacing
 
 # %% auto #0
-__all__ = ['AXCODES', 'MIN_SLICES', 'MAX_SPACING_MM', 'HU_PLUS_1024_POLICIES', 'AIR_HU', 'BODY_HU', 'Volume', 'ipl_affine',
-           'file_mode', 'atomic_write', 'load_nifti', 'save_nifti', 'reorient_to_ipl', 'load_dicom_series',
-           'write_dicom_series', 'load_ct', 'check_ct', 'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask',
-           'canonical_ct', 'ingest_ct']
+__all__ = ['AXCODES', 'DICOM_IDENTIFIERS', 'MIN_SLICES', 'MAX_SPACING_MM', 'HU_PLUS_1024_POLICIES', 'AIR_HU', 'BODY_HU', 'Volume',
+           'ipl_affine', 'file_mode', 'atomic_write', 'load_nifti', 'save_nifti', 'reorient_to_ipl',
+           'load_dicom_series', 'write_dicom_series', 'dicom_identifiers', 'load_ct', 'check_ct',
+           'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask', 'canonical_ct', 'ingest_ct']
 
 # %% ../nbs/03_volumes.ipynb #e9b0f882
 AXCODES = ('I', 'P', 'L')   # where the voxel axes (D, H, W) point: inferior, posterior, patient's left
@@ -271,11 +271,16 @@ def write_dicom_series(
     affine=None,                   # 4x4 RAS+ affine of the (I, P, L) array; default `ipl_affine` (centred on the origin)
     slope: float = 1.0,            # RescaleSlope: HU = slope·stored + intercept
     intercept: float = -1024.0,    # RescaleIntercept
-    patient_id: str = 'ANONYMOUS', # PatientID and PatientName
+    patient_id: str = 'ANONYMOUS', # PatientID and PatientName (when `derived_from` gives none)
     series_uid: str | None = None, # SeriesInstanceUID; default: a new one
+    series_description: str = '',  # SeriesDescription, e.g. what made the volume
+    series_number: int = 1,        # SeriesNumber
+    derived_from: dict | None = None,  # identifiers of the series the volume was derived from (`dicom_identifiers`): its patient
+                                       # and study are carried over, the images marked DERIVED and the source series referenced
 ) -> list:
-    "Write a volume as a DICOM CT series (one axial slice a file, int16 with rescale slope and intercept); returns the files."
-    from pydicom.dataset import FileDataset, FileMetaDataset
+    """Write a volume as a DICOM CT series (one axial slice a file, int16 with rescale slope and intercept, orientation and
+    position per slice, new series and frame-of-reference UIDs); returns the files."""
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
     hu = hu.detach().cpu().numpy() if hasattr(hu, 'detach') else np.asarray(hu)
     if hu.ndim != 3: raise InputError(f"{folder}: write_dicom_series expects a 3D volume, got shape {hu.shape}")
@@ -289,7 +294,8 @@ def write_dicom_series(
     row_dir = to_lps @ affine[:3, 2] / np.linalg.norm(affine[:3, 2])   # along a row: the W axis
     col_dir = to_lps @ affine[:3, 1] / np.linalg.norm(affine[:3, 1])   # down a column: the H axis
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
+    src = derived_from or {}
+    study, series, frame = src.get('StudyInstanceUID') or generate_uid(), series_uid or generate_uid(), generate_uid()
     files = []
     for k in range(hu.shape[0]):
         meta = FileMetaDataset()
@@ -298,7 +304,17 @@ def write_dicom_series(
         ds = FileDataset(None, {}, file_meta=meta, preamble=b'\0' * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.PatientName, ds.SeriesNumber, ds.InstanceNumber = 'CT', patient_id, patient_id, 1, k + 1
+        ds.Modality, ds.PatientID, ds.PatientName = 'CT', src.get('PatientID', patient_id), src.get('PatientName', patient_id)
+        ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, k + 1, series_description[:64]
+        for key in ('PatientBirthDate', 'PatientSex', 'StudyID', 'StudyDate', 'StudyTime', 'AccessionNumber', 'StudyDescription'):
+            if src.get(key): setattr(ds, key, src[key])
+        ds.ImageType = ['DERIVED', 'SECONDARY', 'AXIAL'] if derived_from is not None else ['ORIGINAL', 'PRIMARY', 'AXIAL']
+        if derived_from is not None:
+            ds.DerivationDescription = (series_description or 'derived volume')[:1024]
+            if src.get('SeriesInstanceUID'):
+                ref = Dataset(); ref.SeriesInstanceUID = src['SeriesInstanceUID']
+                ds.ReferencedSeriesSequence = [ref]
+        ds.SliceLocation = _ds(float((to_lps @ (affine @ [k, 0, 0, 1])[:3])[2]))
         ds.ImagePositionPatient = [_ds(v) for v in to_lps @ (affine @ [k, 0, 0, 1])[:3]]
         ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
         ds.PixelSpacing, ds.SliceThickness = [_ds(sp[1]), _ds(sp[2])], _ds(sp[0])
@@ -311,6 +327,18 @@ def write_dicom_series(
         ds.save_as(f, enforce_file_format=True)
         files.append(f)
     return files
+
+DICOM_IDENTIFIERS = ('PatientID', 'PatientName', 'PatientBirthDate', 'PatientSex', 'StudyInstanceUID', 'StudyID', 'StudyDate',
+                     'StudyTime', 'AccessionNumber', 'StudyDescription', 'SeriesInstanceUID')
+
+def dicom_identifiers(
+    folder,   # a DICOM series folder (as `load_dicom_series` reads)
+) -> dict:    # the patient, study and series identifiers of its first file ('' values left out)
+    "Who and which study a DICOM series belongs to: what a volume derived from it carries over (`write_dicom_series(derived_from=...)`)."
+    files = _dicom_files(Path(folder))
+    if not files: raise InputError(f"{folder}: no DICOM files in this folder")
+    ds = files[0][1]
+    return {k: str(getattr(ds, k)) for k in DICOM_IDENTIFIERS if str(getattr(ds, k, '') or '')}
 
 # %% ../nbs/03_volumes.ipynb #47181af4
 MIN_SLICES = 32         # fewest voxels along any axis of a usable CT

@@ -145,6 +145,26 @@ def test_dicom_folder_like_lidc(tmp_path):
             assert np.allclose(np.reshape(row.column('affine')[0].as_py(), (4, 4)), ref.affine, atol=1e-3)
     card = (tmp_path / 'ds' / 'README.md').read_text()
     assert card.startswith('---') and 'LIDC-IDRI' in card and '## This build' in card
+    # each series' patient and study are kept; a reconstruction written as DICOM carries them over, marked as derived
+    ids = meta['dicom_identifiers']
+    assert sorted(ids) == sorted(p for ps in meta['splits'].values() for p in ps)
+    for pid, d in ids.items():
+        src = pydicom.dcmread(next((root / pid).rglob('3000566-series/*.dcm')))
+        assert (d['PatientID'], d['StudyInstanceUID'], d['SeriesInstanceUID']) == (pid, src.StudyInstanceUID, src.SeriesInstanceUID)
+    from progressive_ct.cascade import ProgressiveCascadeModel
+    from progressive_ct.geometry import Geometry
+    from progressive_ct.train import save_weights
+    model = ProgressiveCascadeModel.from_tier('test', xray_img_size=32, voxel_dims=(12, 24, 48), fov_mm=400.0,
+                                              geometry=Geometry.from_dict(meta['geometry']))          # untrained: the files are the point
+    save_weights(model, tmp_path / 'w' / 'stage3_best.safetensors', {'stage': 3, 'model': model.config, 'dataset': str(tmp_path / 'ds')})
+    r = subprocess.run(cli_command() + ['infer', '--checkpoint', str(tmp_path / 'w'), '--split', 'train', '--output-dir', str(tmp_path / 'out'),
+                                        '--save-dicom'], capture_output=True, text=True, timeout=600, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    pid = meta['splits']['train'][0]
+    d = pydicom.dcmread(next((tmp_path / 'out' / pid / 'stage3_dicom').iterdir()))
+    assert (d.PatientID, d.StudyInstanceUID) == (pid, ids[pid]['StudyInstanceUID']) and d.SeriesInstanceUID != ids[pid]['SeriesInstanceUID']
+    assert list(d.ImageType)[:2] == ['DERIVED', 'SECONDARY'] and d.ReferencedSeriesSequence[0].SeriesInstanceUID == ids[pid]['SeriesInstanceUID']
+    assert 'not a CT acquisition' in d.DerivationDescription
 
 
 def write_zero_spacing(hu, path):
