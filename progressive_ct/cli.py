@@ -16,7 +16,7 @@ from .drr import drr_display, render_drr
 from .volumes import Volume, atomic_write, load_nifti
 
 # %% auto #0
-__all__ = ['drr_geometry', 'write_drrs', 'phantom_volume', 'build_parser', 'main']
+__all__ = ['COMMANDS', 'ARGUMENTS', 'drr_geometry', 'write_drrs', 'phantom_volume', 'build_parser', 'main']
 
 # %% ../nbs/99_cli.ipynb #3bc36897
 def drr_geometry(
@@ -42,8 +42,8 @@ def write_drrs(
     geometry: Geometry, # beam, detector and views
     out,                # output folder
 ) -> dict:
-    "Render every view of `geometry` and write `<view>.npy`, `<view>.png` and `geometry.json` into `out`."
-    import matplotlib.image as mpimg
+    "Render every view of `geometry` and write `<view>.npy`, `<view>.png` (8-bit grey, `drr_display`) and `geometry.json` into `out`."
+    from PIL import Image
     out = Path(out)
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise InputError(f"{out}: cannot create the output folder ({e.strerror})") from None
@@ -51,7 +51,8 @@ def write_drrs(
     p = render_drr(mu, volume.spacing, geometry)[0].numpy().astype(np.float32)
     for view, img in zip(geometry.views, p):
         atomic_write(out / f'{view.name}.npy', lambda t: np.save(t, img, allow_pickle=False))
-        atomic_write(out / f'{view.name}.png', lambda t: mpimg.imsave(t, drr_display(img), cmap='gray', vmin=0, vmax=1, format='png'))
+        grey = np.round(np.clip(drr_display(img), 0, 1) * 255).astype(np.uint8)
+        atomic_write(out / f'{view.name}.png', lambda t: Image.fromarray(grey).save(t, format='PNG'))
     info = {'geometry': geometry.to_dict(), 'volume': {'shape': list(volume.shape), 'spacing_mm': list(volume.spacing),
             'axes': 'D inferior, H posterior, W patient left (I, P, L)', 'source': volume.source},
             'radiographs': {v.name: {'file': f'{v.name}.npy', 'shape': list(img.shape), 'units': 'line integral of mu (dimensionless)',
@@ -86,11 +87,16 @@ def _quickstart(args):
     quickstart(args.out, args.config)
 
 # %% ../nbs/99_cli.ipynb #b1e30e8c
-def build_parser() -> argparse.ArgumentParser:
-    "The `progressive-ct` argument parser, one subparser per subcommand."
-    p = OneLineParser(prog='progressive-ct', description='Reconstruct a CT volume from two radiographs with a progressive cascade.')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=OneLineParser)
-    d = sub.add_parser('drr', help='render AP and lateral radiographs of a NIfTI CT or a built-in phantom')
+COMMANDS = {    # each subcommand and its line of help; its flags are added (and its module imported) only when it runs
+    'drr': 'render AP and lateral radiographs of a NIfTI CT or a built-in phantom',
+    'quickstart': 'phantoms -> dataset -> three stages -> evaluation, on a CPU in minutes',
+    'prepare': 'build a dataset: canonical CTs and their radiographs, split by patient',
+    'train': 'train the cascade stage by stage (one process; see accelerate launch for more)',
+    'infer': 'reconstruct with a trained checkpoint: one patient, a whole split (metrics), or your own radiograph files',
+    'export': 'a training run as a folder the Hugging Face Hub understands (config, safetensors, model card); --push-to-hub uploads it',
+}
+
+def _drr_arguments(d):
     src = d.add_mutually_exclusive_group(required=True)
     src.add_argument('--ct', type=Path, help='CT volume (.nii or .nii.gz) in HU')
     src.add_argument('--phantom', type=int, metavar='SEED', help='render the built-in chest phantom with this seed instead')
@@ -101,27 +107,52 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--views', default='ap,lateral', help="comma-separated views: ap, lateral or angles in degrees (default ap,lateral)")
     d.add_argument('--size', type=int, default=128, help='phantom voxels per side (with --phantom; default 128)')
     d.set_defaults(func=_drr)
-    q = sub.add_parser('quickstart', help='phantoms -> dataset -> three stages -> evaluation, on a CPU in minutes')
+
+def _quickstart_arguments(q):
     q.add_argument('--out', type=Path, default=Path('quickstart_out'), help='output folder (default quickstart_out)')
     q.add_argument('--config', type=Path, help='a configuration instead of the embedded quickstart one')
     q.set_defaults(func=_quickstart)
-    from progressive_ct.dataset import add_prepare_parser
-    add_prepare_parser(sub)
+
+def _prepare_arguments(p):
+    from progressive_ct.dataset import add_prepare_arguments
+    add_prepare_arguments(p)
+
+def _train_arguments(t):
     from progressive_ct.train import add_train_arguments, run_training
-    t = sub.add_parser('train', help='train the cascade stage by stage (one process; see accelerate launch for more)')
     add_train_arguments(t).set_defaults(func=run_training)
+
+def _infer_arguments(i):
     from progressive_ct.inference import add_infer_arguments, infer_command
-    i = sub.add_parser('infer', help='reconstruct with a trained checkpoint: one patient, a whole split (metrics), or your own radiograph files')
     add_infer_arguments(i).set_defaults(func=infer_command)
+
+def _export_arguments(x):
     from progressive_ct.hub import add_export_arguments, export_command
-    x = sub.add_parser('export', help='a training run as a folder the Hugging Face Hub understands (config, safetensors, model card); --push-to-hub uploads it')
     add_export_arguments(x).set_defaults(func=export_command)
+
+ARGUMENTS = {'drr': _drr_arguments, 'quickstart': _quickstart_arguments, 'prepare': _prepare_arguments,
+             'train': _train_arguments, 'infer': _infer_arguments, 'export': _export_arguments}
+
+def build_parser(
+    command: str | None = None,   # the subcommand that will run: only its flags are added (default: every subcommand's)
+) -> argparse.ArgumentParser:
+    """The `progressive-ct` argument parser, one subparser per subcommand. Given the command, only its module is
+    imported: `drr` does not pay for training's imports (accelerate, datasets)."""
+    p = OneLineParser(prog='progressive-ct', description='Reconstruct a CT volume from two radiographs with a progressive cascade.')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=OneLineParser)
+    for name, help in COMMANDS.items():
+        s = sub.add_parser(name, help=help)
+        if command in (None, name): ARGUMENTS[name](s)
     return p
 
 def main(argv=None) -> int:
     "Run `progressive-ct`; returns the exit code (0 success, 2 bad input, 75 a training stopped by a signal after saving)."
-    from progressive_ct.train import EXIT_STOPPED, TrainingStopped
-    return command_main(build_parser(), argv, {TrainingStopped: EXIT_STOPPED})
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    command = next((a for a in argv if not a.startswith('-')), None)
+    quiet = {}
+    if command in ('train', 'quickstart'):              # both train: a signal stops them after saving
+        from progressive_ct.train import EXIT_STOPPED, TrainingStopped
+        quiet = {TrainingStopped: EXIT_STOPPED}
+    return command_main(build_parser(command if command in COMMANDS else None), argv, quiet)
 
 # %% ../nbs/99_cli.ipynb #307a43fd
 #| eval: false

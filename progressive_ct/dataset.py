@@ -29,7 +29,7 @@ __all__ = ['SOURCES', 'DEFAULT_PHANTOMS', 'CT_STORAGE_RANGE', 'SPLITS', 'META_FI
            'GRIDS_DIR', 'DataConfig', 'load_data_config', 'dataset_geometry', 'Source', 'find_sources', 'radiographs',
            'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare', 'load_metadata',
            'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'grid_file', 'cache_grids',
-           'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'main']
+           'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'add_prepare_arguments', 'main']
 
 # %% ../nbs/04_dataset.ipynb #91fc595d
 SOURCES = ('phantoms', 'nifti', 'dicom')
@@ -699,12 +699,17 @@ def prepare_command(args):
             num_workers=args.workers, progress=not args.quiet)
 
 def add_prepare_parser(
-    subparsers,   # the `add_subparsers()` object of the console script's parser
+    subparsers,   # the `add_subparsers()` object of a parser
 ):
-    "Add `prepare` to a command-line parser; its `func` takes the parsed namespace."
-    p = subparsers.add_parser('prepare', help='build a dataset: canonical CTs and their radiographs, split by patient',
-                              description='Build a dataset of canonical CTs and AP + lateral radiographs (Hugging Face datasets on disk), '
-                                          'split by patient, cached: a second run with the same inputs does nothing.')
+    "Add `prepare` to a command-line parser (`python -m progressive_ct.dataset prepare`)."
+    return add_prepare_arguments(subparsers.add_parser('prepare'))
+
+def add_prepare_arguments(
+    p,            # the `prepare` subcommand's parser
+):
+    "The `prepare` flags; its `func` takes the parsed namespace."
+    p.description = ('Build a dataset of canonical CTs and AP + lateral radiographs (Hugging Face datasets on disk), '
+                     'split by patient, cached: a second run with the same inputs does nothing.')
     p.add_argument('--source', choices=SOURCES, help='where the CTs come from (default: data.source, else phantoms)')
     p.add_argument('--input-dir', type=Path, help='folder of NIfTI files (nifti) or of DICOM series, one patient per subfolder (dicom)')
     p.add_argument('--num-patients', type=int, help='at most this many patients (default: data.max_patients; phantoms: 100)')

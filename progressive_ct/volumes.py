@@ -18,7 +18,7 @@ from .geometry import InputError, as_spacing
 
 # %% auto #0
 __all__ = ['AXCODES', 'DICOM_IDENTIFIERS', 'MIN_SLICES', 'MAX_SPACING_MM', 'HU_PLUS_1024_POLICIES', 'AIR_HU', 'BODY_HU', 'Volume',
-           'ipl_affine', 'file_mode', 'atomic_write', 'load_nifti', 'save_nifti', 'reorient_to_ipl',
+           'ipl_affine', 'file_mode', 'atomic_write', 'reorient_to_ipl', 'load_nifti', 'save_nifti',
            'load_dicom_series', 'write_dicom_series', 'dicom_identifiers', 'load_ct', 'check_ct',
            'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask', 'canonical_ct', 'ingest_ct']
 
@@ -91,6 +91,18 @@ def atomic_write(
         if tmp.exists(): tmp.unlink()
     return path
 
+# %% ../nbs/03_volumes.ipynb #ad6c51dd
+def reorient_to_ipl(
+    data: np.ndarray,    # a 3D array in any voxel order
+    affine: np.ndarray,  # its 4x4 voxel -> RAS+ world affine
+):
+    "The array permuted and flipped into (I, P, L) order, its new affine, and its spacing (mm) along (D, H, W)."
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(AXCODES))
+    out = apply_orientation(data, transform)
+    new_affine = affine @ inv_ornt_aff(transform, data.shape)
+    spacing = tuple(round(float(z), 6) for z in np.linalg.norm(new_affine[:3, :3], axis=0))
+    return np.ascontiguousarray(out), new_affine, spacing
+
 # %% ../nbs/03_volumes.ipynb #e88a1c98
 def _obliquity(affine) -> float:
     "Largest angle (degrees) between a voxel axis and the nearest world axis."
@@ -118,16 +130,15 @@ def load_nifti(
         raise InputError(f"{path}: voxel spacing {tuple(float(z) for z in zooms)} mm (from the affine): every spacing must be a positive number")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: the affine's voxel axes are not independent, so the orientation is unknown")
-    transform = ornt_transform(io_orientation(affine), axcodes2ornt(AXCODES))
-    try:
-        img = img.as_reoriented(transform)
-        hu = np.asarray(img.get_fdata(dtype=np.float32))
+    try: data = np.asanyarray(img.dataobj)       # as stored (int16 for most CTs; scaled where the header has a slope)
     except Exception as e:
         raise InputError(f"{path}: the voxel data cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from None
-    bad = ~np.isfinite(hu)
-    if bad.any(): raise InputError(f"{path}: {int(bad.sum())} voxels are NaN or infinite")
-    spacing = tuple(round(float(z), 6) for z in np.linalg.norm(img.affine[:3, :3], axis=0))   # float32 on disk: µm precision
-    return Volume(np.ascontiguousarray(hu), spacing, img.affine, str(path), _obliquity(affine))
+    data, ipl, spacing = reorient_to_ipl(data, affine)   # permute and flip the stored values, then one conversion to float32
+    hu = data.astype(np.float32, copy=False)
+    if data.dtype.kind == 'f':
+        bad = ~np.isfinite(hu)
+        if bad.any(): raise InputError(f"{path}: {int(bad.sum())} voxels are NaN or infinite")
+    return Volume(hu, spacing, ipl, str(path), _obliquity(affine))
 
 # %% ../nbs/03_volumes.ipynb #83c2e975
 def save_nifti(
@@ -146,18 +157,6 @@ def save_nifti(
     img.header.set_xyzt_units('mm', 'sec')
     img.set_qform(affine, code=1); img.set_sform(affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
-
-# %% ../nbs/03_volumes.ipynb #ad6c51dd
-def reorient_to_ipl(
-    data: np.ndarray,    # a 3D array in any voxel order
-    affine: np.ndarray,  # its 4x4 voxel -> RAS+ world affine
-):
-    "The array permuted and flipped into (I, P, L) order, its new affine, and its spacing (mm) along (D, H, W)."
-    transform = ornt_transform(io_orientation(affine), axcodes2ornt(AXCODES))
-    out = apply_orientation(data, transform)
-    new_affine = affine @ inv_ornt_aff(transform, data.shape)
-    spacing = tuple(round(float(z), 6) for z in np.linalg.norm(new_affine[:3, :3], axis=0))
-    return np.ascontiguousarray(out), new_affine, spacing
 
 # %% ../nbs/03_volumes.ipynb #2a9a3d8f
 CT_IMAGE_STORAGE = '1.2.840.10008.5.1.4.1.1.2'   # SOP class UID of a CT image
