@@ -561,7 +561,7 @@ class CTDataset(torch.utils.data.Dataset):
             raise InputError(f"resolution {resolution}: must be between 1 and the stored {self.top}")
         self.resolution = n
         self.patient_ids = list(self.meta['splits'][split])
-        self._rows, self._grid = None, None
+        self._rows, self._grid, self._grid_looked = None, None, False
 
     @property
     def geometry(self) -> Geometry: return Geometry.from_dict(self.meta['geometry'])
@@ -571,7 +571,7 @@ class CTDataset(torch.utils.data.Dataset):
         "Voxel size (mm) of a cube of `n` voxels a side (default: this dataset's resolution)."
         return self.meta['fov_mm'] / (n or self.resolution)
 
-    def __getstate__(self): return {**self.__dict__, '_rows': None, '_grid': None}   # each worker opens its own memory maps
+    def __getstate__(self): return {**self.__dict__, '_rows': None, '_grid': None, '_grid_looked': False}   # each worker opens its own memory maps
 
     def rows(self):
         "The split's Arrow rows (opened on first use)."
@@ -582,7 +582,8 @@ class CTDataset(torch.utils.data.Dataset):
 
     def grid(self):
         "The split's CT at this resolution from `cache_grids`' file (a memory map), or None where none is stored."
-        if self._grid is None and self.resolution != self.top:
+        if not self._grid_looked and self.resolution != self.top:    # looked for once (per worker), not per item
+            self._grid_looked = True
             f = grid_file(self.path, self.split, self.resolution)
             if f.is_file():
                 g = np.load(f, mmap_mode='r')

@@ -40,12 +40,12 @@ from .config import Config, load_config, resolve_path
 __all__ = ['EXIT_STOPPED', 'STATES_DIR', 'PROGRESS_FILE', 'END_TO_END', 'RESUME_KEYS', 'ensure_dataset', 'mean_volume',
            'EpochSampler', 'stage_loader', 'stop_workers', 'build_model', 'save_weights', 'load_weights',
            'load_stage_weights', 'validate', 'MetricLog', 'TrainingStopped', 'SaveFailed', 'phase_seed', 'StopSignals',
-           'save_bytes', 'Checkpointer', 'TrainState', 'StageRun', 'setup_stage', 'describe_stage', 'train_one_epoch',
-           'evaluate_and_save', 'finish_stage', 'to_channels_last', 'make_optimizer', 'skip_step_unless', 'StepTally',
-           'phase_name', 'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses', 'default_stages',
-           'final_weights', 'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume', 'check_space',
-           'preflight', 'config_meta', 'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages', 'run_training',
-           'main']
+           'save_bytes', 'Checkpointer', 'TrainState', 'StageRun', 'setup_stage', 'phase_model', 'describe_stage',
+           'train_one_epoch', 'evaluate_and_save', 'finish_stage', 'to_channels_last', 'make_optimizer',
+           'skip_step_unless', 'StepTally', 'phase_name', 'phase_title', 'phase_schedule', 'phase_grid', 'phase_losses',
+           'default_stages', 'final_weights', 'make_accelerator', 'train', 'check_vgg', 'check_dataset', 'check_resume',
+           'check_space', 'preflight', 'config_meta', 'measure_step', 'dry_run', 'add_train_arguments', 'parse_stages',
+           'run_training', 'main']
 
 # %% ../nbs/10_train.ipynb #4fab3f6f
 def ensure_dataset(
@@ -449,20 +449,32 @@ def setup_stage(k, cfg: Config, model, data, meta, accelerator: Accelerator, out
         prev = out / f'{phase_name(k - 1)}_best.safetensors'
         if not prev.is_file(): raise InputError(f"{title}: needs {phase_name(k - 1)}'s weights {prev}; train it first (--stages {k - 1},{k})")
         load_stage_weights(model, prev, range(1, k))             # every stage before this one (all three before the end-to-end phase)
-    model.set_stage(k if k <= 3 else 'all')
-    if t.channels_last: to_channels_last(model)
-    if t.compile:
-        for j in phase_losses(k): model.stages[j - 1].compile()    # in place: the weights keep their names
-    losses = [_stage_loss(j, cfg, meta) for j in phase_losses(k)]
+    losses, opt = phase_model(model, k, cfg, meta, accelerator.device)
     pin = accelerator.device.type == 'cuda'
     train_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers, pin_memory=pin)
     val_dl = stage_loader(data, 'val', n, s.batch_size, t.seed, cfg.data.num_workers, shuffle=False, pin_memory=pin)
     if len(val_dl.dataset) == 0: val_dl = stage_loader(data, 'train', n, s.batch_size, t.seed, 0, shuffle=False)
-    opt = make_optimizer(model.trainable_parameters(), s.learning_rate, t.weight_decay, accelerator.device)
     total = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps) * s.num_epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, t.warmup_fraction))
     prepared, opt, train_dl, val_dl, sched = accelerator.prepare(model, opt, train_dl, val_dl, sched)
-    return StageRun(k, title, phase_name(k), n, s, prepared, opt, sched, train_dl, val_dl, [l.to(accelerator.device) for l in losses])
+    return StageRun(k, title, phase_name(k), n, s, prepared, opt, sched, train_dl, val_dl, losses)
+
+def phase_model(
+    model: ProgressiveCascadeModel,  # the cascade, earlier stages' weights loaded
+    k: int,                          # the phase: 1, 2, 3 or 4
+    cfg: Config,                     # the run's configuration
+    meta: dict,                      # the data's geometry and field of view (for the DRR term)
+    device,                          # where the losses go
+) -> tuple:                          # (the phase's losses, its optimiser)
+    """Phase k's model as it trains: its stage unfrozen (every stage in the end-to-end phase), the GPU options applied,
+    its losses and its AdamW. `setup_stage` and the dry run's `measure_step` both use it, so they cannot drift apart."""
+    t = cfg.training
+    model.set_stage(k if k <= 3 else 'all')
+    if t.channels_last: to_channels_last(model)
+    if t.compile:
+        for j in phase_losses(k): model.stages[j - 1].compile()    # in place: the weights keep their names
+    losses = [_stage_loss(j, cfg, meta).to(device) for j in phase_losses(k)]
+    return losses, make_optimizer(model.trainable_parameters(), phase_schedule(cfg, k).learning_rate, t.weight_decay, device)
 
 def describe_stage(run: StageRun, accelerator: Accelerator) -> str:
     "One line: what the phase trains, on what, for how long."
@@ -900,12 +912,7 @@ def measure_step(
     s, n, dev = phase_schedule(cfg, k), phase_grid(cfg, k), accelerator.device
     set_seed(cfg.training.seed)
     model = build_model(cfg, meta)
-    model.set_stage(k if k <= 3 else 'all')
-    if cfg.training.channels_last: to_channels_last(model)
-    if cfg.training.compile:
-        for j in phase_losses(k): model.stages[j - 1].compile()
-    losses = [_stage_loss(j, cfg, meta).to(dev) for j in phase_losses(k)]
-    opt = make_optimizer(model.trainable_parameters(), s.learning_rate, cfg.training.weight_decay, dev)
+    losses, opt = phase_model(model, k, cfg, meta, dev)
     prepared, opt = accelerator.prepare(model, opt)
     B, S, V = s.batch_size, cfg.model.xray_img_size, len(model.geometry.views)
     g = torch.Generator().manual_seed(0)
