@@ -20,13 +20,13 @@ description from the front matter, the sidebar from nbs/sidebar.yml, nbs/styles.
 the pages link to each other locally (`x.ipynb` and the site's own URLs -> the local `.html` page). Page names
 are Quarto's (`00_geometry.ipynb` -> `geometry.html`, `index.ipynb` -> `index.html`, the home page).
 
-Execution. The notebooks are stored without outputs, and Quarto does not execute `.ipynb` files, so the site
-`nbdev_docs` builds shows code, prose and nbdev's show_doc signatures, but no example outputs. That is what
-this script renders by default: it is what users of the site see, it takes seconds per notebook, and running
-the notebooks is already CI's job (`nbdev_test` executes every one). `--execute` runs each source notebook
-first (nbclient, a fresh kernel, working directory = the notebook's folder, `--timeout` seconds per
-notebook, cells skipped as `nbdev_test` skips them: `tst_flags` from settings.ini, `#| eval: false`), then
-processes the executed copy: the pages then show figures and printed results. The processed copy cannot be
+Outputs. Quarto does not execute `.ipynb` files, so the site `nbdev_docs` builds shows what the notebooks store:
+code, prose, nbdev's show_doc signatures, and the outputs each notebook carries (figures, tables, printed results),
+which `python .ci/outputs.py write` stores and CI checks are current. That is what this script renders by default,
+executing nothing: it is what users of the site see, and it takes seconds per notebook. `--execute` runs each
+source notebook first (nbclient, a fresh kernel, working directory = the notebook's folder, `--timeout` seconds per
+notebook, cells skipped as `nbdev_test` skips them: `tst_flags` from settings.ini, `#| eval: false`), then processes
+the executed copy: a preview of a notebook edited since its outputs were stored. The processed copy cannot be
 executed instead, because nbdev has removed its hidden cells (the imports) by then.
 
 Exit status 1 names every notebook whose processing or page failed.

@@ -18,8 +18,14 @@ costs more than the stage-3 epoch it replaces in arm b (it trains stages 1 and 2
 seconds are in the results and the table. Every stage is scored at its own grid and at the top grid (PSNR with data range 1 on the
 [0, 1] scale = HU -1000..1500, SSIM3D, MAE in HU), with 95% bootstrap intervals over the test patients, beside the
 training split's mean volume and the oracles (the ground truth area-averaged to 16³ and 32³ and upsampled back).
-Writes benchmarks/results/quality.json and quality_sample.png (arm a on the first test patient). At most 60 minutes
-on a 2-core CPU.
+Writes benchmarks/results/quality.json, quality_sample.png (arm a on the first test patient: each stage upsampled
+beside the oracles) and quality_overview.png (the same patient: the two radiographs in, the three stages out, the
+front page's figure). At most 60 minutes on a 2-core CPU.
+
+    python benchmarks/quality.py --figures-only [--work DIR]
+
+draws the two figures again from arm a's saved run in --work, without training: it scores that run on the test split
+first and refuses unless its stage-3 PSNR is the one quality.json records (the figures show the model the table scores).
 """
 import argparse
 import csv
@@ -110,13 +116,58 @@ def sample_figure(model, path, out):
     plt.close(fig)
 
 
+def overview_figure(model, path, out):
+    "The front page's figure: a test patient's AP and lateral radiographs in, each stage's volume out at its own grid."
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from progressive_ct.dataset import CTDataset
+    item = CTDataset(path, 'test', model.voxel_dims[-1])[0]
+    with torch.no_grad():
+        outs = [o.float().clamp(0, 1)[0, 0].numpy() for o in model.eval()(item['xray'][None], upto=3)]
+    vols = {f'stage {k}: {o.shape[-1]}³': o for k, o in enumerate(outs, 1)} | {'ground truth': item['ct'][0].numpy()}
+    fig, ax = plt.subplots(2, 1 + len(vols), figsize=(1.55 * (1 + len(vols)), 3.5))
+    for r, (view, image) in enumerate(zip(('AP', 'lateral'), item['xray'][:, 0].numpy())):
+        ax[r, 0].imshow(image, cmap='gray')
+        ax[r, 0].set_title(f'in: {view}', fontsize=8)
+    for j, (name, v) in enumerate(vols.items(), 1):
+        n = v.shape[0]
+        ax[0, j].imshow(v[:, n // 2 + n // 16], cmap='gray', vmin=0, vmax=0.65)       # coronal, through the spine
+        ax[1, j].imshow(v[:, :, n // 2 + n // 8], cmap='gray', vmin=0, vmax=0.65)     # sagittal, beside the midline: ribs
+        ax[0, j].set_title(('out, ' if j < len(vols) else '') + name, fontsize=8)
+    for a in ax.flat: a.set_xticks([]); a.set_yticks([])
+    ax[0, 1].set_ylabel('coronal', fontsize=8); ax[1, 1].set_ylabel('sagittal', fontsize=8)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def figures(run, out, expected_psnr):
+    "Both figures from a saved arm-a run, after checking it is the run quality.json scored."
+    from progressive_ct.config import load_config
+    cfg = load_config(run / 'config.json')
+    res, model = score(cfg, run)
+    if abs(res['stage3']['psnr'] - expected_psnr) > 1e-6:
+        sys.exit(f"quality: {run} scores stage 3 at {res['stage3']['psnr']:.4f} dB, but {out} records {expected_psnr:.4f} dB: "
+                 'not the run the results hold; run the whole benchmark instead')
+    path = Path(cfg.data.dataset_path)
+    sample_figure(model, path, out.with_name('quality_sample.png'))
+    overview_figure(model, path, out.with_name('quality_overview.png'))
+    print(f"stage 3 scores {res['stage3']['psnr']:.4f} dB, as recorded; wrote {out.with_name('quality_sample.png')} "
+          f"and {out.with_name('quality_overview.png')}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--patients', type=int, default=320)
     p.add_argument('--work', type=Path, default=ROOT / 'runs' / 'quality')
     p.add_argument('--arms', default='a,b,c,d')
     p.add_argument('--out', type=Path, default=ROOT / 'benchmarks' / 'results' / 'quality.json')
+    p.add_argument('--figures-only', action='store_true', help="draw the figures again from arm a's run in --work")
     args = p.parse_args()
+    if args.figures_only:
+        recorded = json.loads(args.out.read_text())['arms']['a']['stage3']['psnr']
+        return figures(args.work.resolve() / 'a', args.out, recorded)
     arms = args.arms.split(',')
     t_start = time.perf_counter()
     work = args.work.resolve()
@@ -134,6 +185,7 @@ def main():
     results['yardsticks'] = {k: res_a[k] for k in res_a if k == 'mean_volume' or k.startswith('oracle')}
     results['n_test'], results['dims'], results['data_range'] = res_a['n'], res_a['dims'], res_a['data_range']
     sample_figure(model_a, Path(cfg_a.data.dataset_path), args.out.with_name('quality_sample.png'))
+    overview_figure(model_a, Path(cfg_a.data.dataset_path), args.out.with_name('quality_overview.png'))
     print(f"arm a: stage 3 {res_a['stage3']['psnr']:.2f} dB at {res_a['dims'][-1]}³", flush=True)
 
     if 'b' in arms:

@@ -666,7 +666,7 @@ def cache_grids(
                 if os.path.exists(tmp): os.remove(tmp)
             files.append(f); written.append(f)
     if written:
-        log(f"{path / GRIDS_DIR}: the CT at {', '.join(sorted({f.stem.split('_')[1] + '³' for f in written}, key=len))} stored once "
+        log(f"{path / GRIDS_DIR}: the CT at {', '.join(f'{n}³' for n in sorted({int(f.stem.split('_')[1]) for f in written}))} stored once "
             f"for the loaders ({sum(f.stat().st_size for f in written) / 2**20:.1f} MB)")
     return files
 

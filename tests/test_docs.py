@@ -72,30 +72,63 @@ def test_sidebar_lists_every_notebook():
 # ------------------------------------------------------------------------------------------ offline build
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    "The home page and one API page, built by the offline docs script."
+    """Every page, built by the offline docs script without executing anything: the pages show what the notebooks store.
+
+    nbdev executes the cells that contain imports while it processes a notebook for the docs (to resolve show_doc):
+    an example cell that mixes imports with code that needs earlier cells fails there, though the notebook tests pass."""
     tmp = tmp_path_factory.mktemp('docs')
-    r = subprocess.run([sys.executable, str(ROOT / '.ci' / 'render_docs.py'), 'index.ipynb', API_NB,
-                        '--out', str(tmp / 'site'), '--proc', str(tmp / 'proc')],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / '.ci' / 'render_docs.py'), '--out', str(tmp / 'site'),
+                        '--proc', str(tmp / 'proc'), '-j', '2'], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return tmp / 'site'
 
 
-def test_every_notebook_builds(tmp_path):
-    """nbdev's processing of every notebook (what `nbdev_docs` runs before Quarto) succeeds and gives a page each.
-
-    nbdev executes the cells that contain imports while it processes a notebook for the docs (to resolve show_doc):
-    an example cell that mixes imports with code that needs earlier cells fails there, though `nbdev_test` passes."""
-    r = subprocess.run([sys.executable, str(ROOT / '.ci' / 'render_docs.py'), '--out', str(tmp_path / 'site'),
-                        '--proc', str(tmp_path / 'proc'), '-j', '2'], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+def test_every_notebook_builds(site):
+    "nbdev's processing of every notebook (what `nbdev_docs` runs before Quarto) succeeds and gives a page each."
     nbs = ROOT / 'nbs'
     notebooks = [p for p in nbs.rglob('*.ipynb') if not any(part.startswith(('.', '_')) for part in p.relative_to(nbs).parts)]
-    assert len(notebooks) >= 19, notebooks
-    pages = list((tmp_path / 'site').rglob('*.html'))
+    assert len(notebooks) >= 21, notebooks
+    pages = list(site.rglob('*.html'))
     assert len(pages) >= len(notebooks), (sorted(p.name for p in pages), len(notebooks))
 
 
+# The pages a newcomer looks at first must show pictures, not only code: the front page, the results, every tutorial,
+# and the modules whose subject is an image (projection geometry, DRRs, phantoms, the cascade, the viewer).
+FIGURE_PAGES = ['index.html', 'results.html', 'geometry.html', 'drr.html', 'phantoms.html', 'cascade.html', 'viewer.html']
+DATA_PNG = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([^"]+)"')
+
+
+def tutorial_pages():
+    return sorted(f'tutorials/{p.stem}.html' for p in (NBS / 'tutorials').glob('*.ipynb'))
+
+
+def test_pages_show_figures(site):
+    "Built without executing anything, each of these pages holds at least one figure (an <img> with PNG data)."
+    assert len(tutorial_pages()) >= 5
+    counts = {page: len(DATA_PNG.findall((site / page).read_text(encoding='utf-8'))) for page in FIGURE_PAGES + tutorial_pages()}
+    assert all(n >= 1 for n in counts.values()), f'pages without a figure: {[p for p, n in counts.items() if not n]} ({counts})'
+
+
+def readme_figures_and_table():
+    "README.md's images (bytes, in order) and the rows of its first Markdown table."
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    images = [(ROOT / p).read_bytes() for p in re.findall(r'!\[[^\]]*\]\(([^)\s]+\.png)\)', readme)]
+    table = re.search(r'((?:^\|.*\|\n)+)', readme, flags=re.M).group(1).splitlines()
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in table if not set(line) <= set('|-: ')]
+    return images, rows
+
+
+def test_readme_shows_the_front_pages_figure_and_table(site):
+    "README.md (from index.ipynb's stored outputs) holds the front page's figure, byte for byte, and its quality table."
+    import base64
+    images, rows = readme_figures_and_table()
+    page = (site / 'index.html').read_text(encoding='utf-8')
+    on_page = [base64.b64decode(b) for b in DATA_PNG.findall(page)]
+    assert images and images == on_page, (len(images), len(on_page))
+    assert rows[0][:2] == ['at 64³', 'PSNR (dB)'] and any(r[0] == 'stage 3 (64³)' for r in rows), rows
+    cells = [visible_text(c).strip() for c in re.findall(r'<t[dh](?:\s[^>]*)?>(.*?)</t[dh]>', page, flags=re.S)]
+    for row in rows:
+        assert all(c in cells for c in row), f'README table row not on the front page: {row}'
 def test_build_fails_naming_the_notebook(tmp_path):
     "A notebook whose show_doc processing fails makes the script exit 1 and name it; the others are still built."
     nbs = tmp_path / 'nbs'
@@ -216,3 +249,18 @@ def test_screenshot_not_blank(chrome, site, page):
     dark = (content < 0.5).mean()                          # text pixels: present, but not a dark/failed page
     assert 0.005 < dark < 0.5, f'{page}: {dark:.3f} of the content area is dark'
     assert len(np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50
+
+
+def test_front_page_figures_load_in_chromium(chrome, site, tmp_path):
+    "Headless Chromium opens the front page and decodes every image on it (naturalWidth > 0 once loaded)."
+    page = tmp_path / 'index_probe.html'
+    probe = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
+             "JSON.stringify(Array.from(document.images, i => [i.complete, i.naturalWidth, i.naturalHeight]))));</script>")
+    text = (site / 'index.html').read_text(encoding='utf-8')
+    page.write_text(text.replace('</body>', probe + '</body>'), encoding='utf-8')
+    dom = chrome('dom', page)
+    found = re.search(r'data-images="([^"]*)"', dom)
+    assert found, 'the load event did not run'
+    images = json.loads(html.unescape(found.group(1)))
+    assert len(images) >= 1 and all(done and w > 100 and h > 50 for done, w, h in images), images
+    assert len(images) == len(DATA_PNG.findall(text))
