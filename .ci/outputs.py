@@ -40,9 +40,10 @@ TEXT_MIMES = ('text/plain', 'text/markdown', 'text/html', 'text/latex')
 VOLATILE_MIMES = ('application/vnd.jupyter.widget-view+json',)   # a widget's model id is new in every run
 NUM = r'\d[\d,]*(?:\.\d+)?'
 VOLATILE = [                                                       # (pattern, what it stands for), applied in order
-    (re.escape(str(ROOT)) + r'([^\s:\'"]*):\d+:', r'<repo>\1:<line>:'),   # a warning's file and line in the repository
+    (re.escape(sys.prefix) + r'([^\s:\'"]*):\d+:', r'<python>\1:<line>:'),   # a warning's file and line in a library
+    (re.escape(sys.prefix), '<python>'),                                         # (first: CI's virtualenv is in the repository)
+    (re.escape(str(ROOT)) + r'([^\s:\'"]*):\d+:', r'<repo>\1:<line>:'),       # ... in the repository
     (re.escape(str(ROOT)), '<repo>'),
-    (re.escape(sys.prefix), '<python>'),
     (re.escape(tempfile.gettempdir()) + r'/[^/\s\'"]+', '<tmp>'),
     (NUM + r' ?(?:s|ms|µs|min)(?=\b|/)', '<duration>'),               # "in 0.68 s", "5s", "0.25 s/step"
     (NUM + r' (?:samples|volumes|steps)/s\b', '<rate>'),
