@@ -17,7 +17,9 @@ What is compared, cell by cell: the kinds of output, in order (a figure that dis
 (printed streams, `text/plain`, `text/markdown`, `text/html`, errors). Figure bytes are not compared: they differ
 between matplotlib and freetype builds. A cell skipped in execution must hold no output (nothing unchecked is
 stored). Every computed number (a PSNR, a loss, a shape, a count) must come out the same, so the notebooks fix their
-seeds and `PYTHONHASHSEED` is 0. What a run measures of itself cannot repeat, and `VOLATILE` masks exactly that before
+seeds, `PYTHONHASHSEED` is 0, and torch runs on `THREADS` threads whatever the machine's cores (a reduction split
+differently rounds differently). A different CPU can still round differently (its vector units pick other kernels):
+write the outputs again on the machine whose CI checks them. What a run measures of itself cannot repeat, and `VOLATILE` masks exactly that before
 comparing: durations and rates, a process's own memory and the disk's free space, temporary folders, the repository's
 and Python's install paths (and a warning's line number in them), pydicom's random UIDs, object addresses. The
 stored outputs keep the real values; only the comparison masks them.
@@ -35,6 +37,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = '2'                         # torch's threads in each notebook's process: the count the stored outputs were written with
 FIGURE_FORMAT = 'png'                 # matplotlib_inline's format: 'png' at the figure's dpi ('retina' doubles it)
 TEXT_MIMES = ('text/plain', 'text/markdown', 'text/html', 'text/latex')
 VOLATILE_MIMES = ('application/vnd.jupyter.widget-view+json',)   # a widget's model id is new in every run
@@ -209,6 +212,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     os.environ['PYTHONHASHSEED'] = '0'            # set iteration order: the same in every run (the workers inherit it)
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = THREADS   # sums reduced in the same order on any machine
     paths = notebooks(args.notebooks)
     if not paths: sys.exit('outputs: no notebook to execute')
     failed, t0 = [], time.time()

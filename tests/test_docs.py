@@ -264,3 +264,33 @@ def test_front_page_figures_load_in_chromium(chrome, site, tmp_path):
     images = json.loads(html.unescape(found.group(1)))
     assert len(images) >= 1 and all(done and w > 100 and h > 50 for done, w, h in images), images
     assert len(images) == len(DATA_PNG.findall(text))
+
+
+# ------------------------------------------------------------------------------------------ publishing (GitHub Pages)
+def _workflow(name):
+    wf = yaml.safe_load((ROOT / '.github' / 'workflows' / name).read_text(encoding='utf-8'))
+    wf['on'] = wf.pop(True, wf.get('on'))                 # YAML 1.1 reads the key `on` as True
+    return wf
+
+
+def test_pages_workflow_publishes_what_nbdev_docs_builds():
+    "nbdev's deploy workflow: on a push to the docs branch, install (CPU torch), nbdev_docs, push doc_path to gh-pages."
+    from nbdev.config import get_config
+    cfg = get_config()
+    wf = _workflow('deploy.yaml')
+    assert cfg.branch in wf['on']['push']['branches'] and 'workflow_dispatch' in wf['on']
+    assert wf['permissions'] == {'contents': 'write', 'pages': 'write'}
+    steps = wf['jobs']['deploy']['steps']
+    runs = '\n'.join(s.get('run', '') for s in steps)
+    uses = [s.get('uses', '') for s in steps]
+    assert 'download.pytorch.org/whl/cpu' in runs and 'pip install -e ".[dev]"' in runs
+    assert any(u.startswith('quarto-dev/quarto-actions/setup') for u in uses)
+    order = [i for i, s in enumerate(steps) if 'nbdev_docs' in s.get('run', '') or 'actions-gh-pages' in s.get('uses', '')]
+    assert len(order) == 2 and 'nbdev_docs' in steps[order[0]].get('run', ''), 'build, then deploy'
+    deploy = steps[order[1]]['with']
+    assert deploy['publish_dir'] == f'./{cfg.doc_path.name}' and deploy['force_orphan'] is True
+
+
+def test_ci_workflow_runs_the_ci_script():
+    steps = _workflow('test.yaml')['jobs']['test']['steps']
+    assert any('bash .ci/run' in s.get('run', '') for s in steps)
