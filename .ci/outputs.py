@@ -22,7 +22,9 @@ differently rounds differently). A different CPU can still round differently (it
 write the outputs again on the machine whose CI checks them. What a run measures of itself cannot repeat, and `VOLATILE` masks exactly that before
 comparing: durations and rates, a process's own memory and the disk's free space, temporary folders, the repository's
 and Python's install paths (and a warning's line number in them), pydicom's random UIDs, object addresses. The
-stored outputs keep the real values; only the comparison masks them.
+stored outputs keep the real values, with one exception: they are written free of where the repository was checked out
+(`portable`: a path inside it is stored relative to it, Python's own as `<python>`), since CI checks them in a clone of its own, and the site
+shows them to readers whose checkout is elsewhere again.
 """
 import argparse
 import difflib
@@ -45,8 +47,12 @@ NUM = r'\d[\d,]*(?:\.\d+)?'
 VOLATILE = [                                                       # (pattern, what it stands for), applied in order
     (re.escape(sys.prefix) + r'([^\s:\'"]*):\d+:', r'<python>\1:<line>:'),   # a warning's file and line in a library
     (re.escape(sys.prefix), '<python>'),                                         # (first: CI's virtualenv is in the repository)
-    (re.escape(str(ROOT)) + r'([^\s:\'"]*):\d+:', r'<repo>\1:<line>:'),       # ... in the repository
-    (re.escape(str(ROOT)), '<repo>'),
+    (re.escape(sys.base_prefix + '/lib/python'), '<python>/lib/python'),         # the standard library's
+    (r'<python>([^\s:\'"]*):\d+:', r'<python>\1:<line>:'),                    # ... as `portable` stores them
+    (re.escape(str(ROOT)) + '/', ''),                                             # the repository's paths, relative
+    (re.escape(str(ROOT)), '<repo>'),                                            #   (as `portable` stores them)
+    (r'(?:[^\s:\'"]*/)?(progressive_ct/[^\s:\'"]+\.py):\d+:', r'\1:<line>:'),   # a warning's file and line in the package,
+                                                                                 #   from whichever checkout or install
     (re.escape(tempfile.gettempdir()) + r'/[^/\s\'"]+', '<tmp>'),
     (NUM + r' ?(?:s|ms|µs|min)(?=\b|/)', '<duration>'),               # "in 0.68 s", "5s", "0.25 s/step"
     (NUM + r' (?:samples|volumes|steps)/s\b', '<rate>'),
@@ -56,6 +62,13 @@ VOLATILE = [                                                       # (pattern, w
     (r' at 0x[0-9a-f]+', ' at 0x…'),                                 # object addresses
 ]
 
+
+def portable(text):
+    "Text as stored: a path inside this repository made relative to it (the site's readers and CI's clone are elsewhere)."
+    if isinstance(text, list): return portable(''.join(text)).splitlines(keepends=True)   # nbformat's lines, kept as lines
+    text = text.replace(sys.prefix, '<python>')                               # first: a virtualenv may be in the repository
+    text = text.replace(sys.base_prefix + '/lib/python', '<python>/lib/python')   # the standard library's files
+    return text.replace(str(ROOT) + '/', '')
 
 def masked(text):
     "Text with what a run measures of itself (VOLATILE) masked, for comparison only."
@@ -198,6 +211,11 @@ def write(path, fresh):
         outs = fresh.get(c.get('id'), [])
         for o in outs:
             if 'execution_count' in o: o['execution_count'] = None
+            if 'text' in o: o['text'] = portable(o['text'])
+            for mime in TEXT_MIMES:
+                if mime in o.get('data', {}): o['data'][mime] = portable(o['data'][mime])
+            if 'evalue' in o: o['evalue'] = portable(o['evalue'])
+            if 'traceback' in o: o['traceback'] = [portable(t) for t in o['traceback']]
             if 'image/png' in o.get('data', {}): o['data']['image/png'] = smaller_png(_text(o['data']['image/png']))
         c['outputs'], c['execution_count'] = outs, None
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')

@@ -67,6 +67,25 @@ def test_a_failing_cell_fails_the_check_with_its_traceback(tmp_path):
     assert r.returncode == 1 and f'FAILED: {nb}' in r.stderr and 'ZeroDivisionError' in r.stderr, r.stdout + r.stderr
 
 
+def test_stored_outputs_do_not_depend_on_where_the_repository_is(tmp_path):
+    "CI checks the outputs in a clone of its own, and the site shows them to readers: no checkout's path is stored."
+    nb = notebook(tmp_path / 'warns.ipynb', {
+        'imports': 'from progressive_ct.losses import load_vgg16_features',
+        'warns': "_ = load_vgg16_features('no-such-vgg16.pth', allow_random_weights=True)"})
+    r = outputs('write', nb)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = ''.join(o['text'] if isinstance(o['text'], str) else ''.join(o['text']) for o in stored(nb)['warns'])
+    assert 'UserWarning' in text and text.startswith('progressive_ct/losses.py:'), text     # relative to the repository
+    assert str(ROOT) not in text and sys.prefix not in text, text
+
+    moved = text.replace('progressive_ct/losses.py:', '/another/checkout/progressive_ct/losses.py:9')  # another clone, edited
+    set_outputs(nb, 'warns', [nbformat.v4.new_output('stream', name='stderr', text=moved)])
+    r = outputs('check', nb)
+    assert r.returncode == 0 and 'ok' in r.stdout, r.stdout + r.stderr
+    set_outputs(nb, 'warns', [nbformat.v4.new_output('stream', name='stderr', text=moved.replace('UserWarning', 'RuntimeWarning'))])
+    assert outputs('check', nb).returncode == 1                              # the warning itself is still compared
+
+
 def test_every_notebook_carries_outputs():
     "The notebooks are stored executed: the docs site shows what they hold (CI checks the outputs are current)."
     from nbdev.doclinks import nbglob
