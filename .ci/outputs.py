@@ -23,7 +23,7 @@ write the outputs again on the machine whose CI checks them. What a run measures
 comparing: durations and rates, a process's own memory and the disk's free space, temporary folders, the repository's
 and Python's install paths (and a warning's line number in them), pydicom's random UIDs, object addresses. The
 stored outputs keep the real values, with one exception: they are written free of where the repository was checked out
-(`portable`: a path inside it is stored relative to it, Python's own as `<python>`), since CI checks them in a clone of its own, and the site
+(`portable`: a path inside it is stored relative to it, Python's own as `<python>`, the home folder as `~`), since CI checks them in a clone of its own, and the site
 shows them to readers whose checkout is elsewhere again.
 """
 import argparse
@@ -44,6 +44,8 @@ FIGURE_FORMAT = 'png'                 # matplotlib_inline's format: 'png' at the
 TEXT_MIMES = ('text/plain', 'text/markdown', 'text/html', 'text/latex')
 VOLATILE_MIMES = ('application/vnd.jupyter.widget-view+json',)   # a widget's model id is new in every run
 NUM = r'\d[\d,]*(?:\.\d+)?'
+HOME = os.path.expanduser('~').rstrip('/') + '/'                     # the user's home folder, written as ~/ where stored
+HOME = None if HOME == '/' else HOME                                   #   (none to write where it is the root)
 VOLATILE = [                                                       # (pattern, what it stands for), applied in order
     (re.escape(sys.prefix) + r'([^\s:\'"]*):\d+:', r'<python>\1:<line>:'),   # a warning's file and line in a library
     (re.escape(sys.prefix), '<python>'),                                         # (first: CI's virtualenv is in the repository)
@@ -53,6 +55,7 @@ VOLATILE = [                                                       # (pattern, w
     (re.escape(str(ROOT)), '<repo>'),                                            #   (as `portable` stores them)
     (r'(?:[^\s:\'"]*/)?(progressive_ct/[^\s:\'"]+\.py):\d+:', r'\1:<line>:'),   # a warning's file and line in the package,
                                                                                  #   from whichever checkout or install
+    *([(re.escape(HOME), '~/')] if HOME else []),                               # the home folder (torch.hub's cache), as stored
     (re.escape(tempfile.gettempdir()) + r'/[^/\s\'"]+', '<tmp>'),
     (NUM + r' ?(?:s|ms|µs|min)(?=\b|/)', '<duration>'),               # "in 0.68 s", "5s", "0.25 s/step"
     (NUM + r' (?:samples|volumes|steps)/s\b', '<rate>'),
@@ -68,7 +71,8 @@ def portable(text):
     if isinstance(text, list): return portable(''.join(text)).splitlines(keepends=True)   # nbformat's lines, kept as lines
     text = text.replace(sys.prefix, '<python>')                               # first: a virtualenv may be in the repository
     text = text.replace(sys.base_prefix + '/lib/python', '<python>/lib/python')   # the standard library's files
-    return text.replace(str(ROOT) + '/', '')
+    text = text.replace(str(ROOT) + '/', '')
+    return text.replace(HOME, '~/') if HOME else text                       # last: the others may lie in the home folder
 
 def masked(text):
     "Text with what a run measures of itself (VOLATILE) masked, for comparison only."

@@ -1,6 +1,7 @@
 """The notebooks' stored outputs (.ci/outputs.py): `write` stores what executing a notebook gives, `check` fails naming
 the notebook and the cell when the stored outputs are not what executing it gives now. CI runs `check` on every notebook."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_stored_outputs_do_not_depend_on_where_the_repository_is(tmp_path):
     text = ''.join(o['text'] if isinstance(o['text'], str) else ''.join(o['text']) for o in stored(nb)['warns'])
     assert 'UserWarning' in text and text.startswith('progressive_ct/losses.py:'), text     # relative to the repository
     assert str(ROOT) not in text and sys.prefix not in text, text
+    assert os.path.expanduser('~') == '/' or os.path.expanduser('~/') not in text, text   # torch.hub's cache, as ~/
 
     moved = text.replace('progressive_ct/losses.py:', '/another/checkout/progressive_ct/losses.py:9')  # another clone, edited
     set_outputs(nb, 'warns', [nbformat.v4.new_output('stream', name='stderr', text=moved)])
