@@ -19,12 +19,13 @@ between matplotlib and freetype builds. A cell skipped in execution must hold no
 stored). Every computed number (a PSNR, a loss, a shape, a count) must come out the same, so the notebooks fix their
 seeds, `PYTHONHASHSEED` is 0, and torch runs on `THREADS` threads whatever the machine's cores (a reduction split
 differently rounds differently). A different CPU can still round differently (its vector units pick other kernels):
-write the outputs again on the machine whose CI checks them. What a run measures of itself cannot repeat, and `VOLATILE` masks exactly that before
-comparing: durations and rates, a process's own memory and the disk's free space, temporary folders, the repository's
-and Python's install paths (and a warning's line number in them), pydicom's random UIDs, object addresses. The
-stored outputs keep the real values, with one exception: they are written free of where the repository was checked out
-(`portable`: a path inside it is stored relative to it, Python's own as `<python>`, the home folder as `~`), since CI checks them in a clone of its own, and the site
-shows them to readers whose checkout is elsewhere again.
+write the outputs again on the machine whose CI checks them. What a run measures of itself cannot repeat, and
+`VOLATILE` masks exactly that before comparing: durations and rates, a process's own memory and the disk's free
+space, temporary folders, the repository's and Python's install paths (and a warning's line number in them),
+pydicom's random UIDs, object addresses. The
+stored outputs keep the real values, with one exception: they are written free of where the repository was checked
+out (`portable`: a path inside it is stored relative to it, Python's own as `<python>`, the home folder as `~`), since
+CI checks them in a clone of its own, and the site shows them to readers whose checkout is elsewhere again.
 """
 import argparse
 import difflib

@@ -129,6 +129,8 @@ def test_readme_shows_the_front_pages_figure_and_table(site):
     cells = [visible_text(c).strip() for c in re.findall(r'<t[dh](?:\s[^>]*)?>(.*?)</t[dh]>', page, flags=re.S)]
     for row in rows:
         assert all(c in cells for c in row), f'README table row not on the front page: {row}'
+
+
 def test_build_fails_naming_the_notebook(tmp_path):
     "A notebook whose show_doc processing fails makes the script exit 1 and name it; the others are still built."
     nbs = tmp_path / 'nbs'
@@ -252,7 +254,7 @@ def test_screenshot_not_blank(chrome, site, page):
 
 
 def test_front_page_figures_load_in_chromium(chrome, site, tmp_path):
-    "Headless Chromium opens the front page and decodes every image on it (naturalWidth > 0 once loaded)."
+    "Headless Chromium opens the front page and decodes every image on it (complete, over 100 px wide, once loaded)."
     page = tmp_path / 'index_probe.html'
     probe = ("<script>window.addEventListener('load', () => document.body.setAttribute('data-images', "
              "JSON.stringify(Array.from(document.images, i => [i.complete, i.naturalWidth, i.naturalHeight]))));</script>")
