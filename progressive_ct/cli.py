@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .geometry import PRESETS, Geometry, InputError, OneLineParser, command_main, geometry_preset, hu_to_mu
+from .errors import InputError, OneLineParser, command_main
+from .geometry import Geometry, PRESETS, geometry_preset, hu_to_mu
+from .ops import atomic_write
+from .volumes import Volume, load_nifti
 from .drr import drr_display, render_drr
-from .volumes import Volume, atomic_write, load_nifti
 
 # %% auto #0
 __all__ = ['COMMANDS', 'ARGUMENTS', 'drr_geometry', 'write_drrs', 'phantom_volume', 'build_parser', 'main']
