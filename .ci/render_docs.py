@@ -1,7 +1,7 @@
 """The docs site without Quarto: nbdev's own notebook processing, then one standalone HTML page per notebook.
 
     python .ci/render_docs.py                              # every notebook in nbs/ -> _docs_offline/
-    python .ci/render_docs.py index.ipynb 01_drr.ipynb     # only these (paths relative to nbs/, or nbs/...)
+    python .ci/render_docs.py index.ipynb 05_drr.ipynb     # only these (paths relative to nbs/, or nbs/...)
     python .ci/render_docs.py --execute                    # also run the notebooks, to show their outputs
     python .ci/render_docs.py --out DIR --proc DIR -j 2
     python .ci/render_docs.py --nbs DIR x.ipynb            # notebooks from another folder (tests)
@@ -18,7 +18,7 @@ Step 2 stands in for `quarto render`: every processed notebook becomes a page wi
 honouring the Quarto cell options nbdev relies on (`echo`, `output`, `include`), with the page title and
 description from the front matter, the sidebar from nbs/sidebar.yml, nbs/styles.css, and links rewritten so
 the pages link to each other locally (`x.ipynb` and the site's own URLs -> the local `.html` page). Page names
-are Quarto's (`00_geometry.ipynb` -> `geometry.html`, `index.ipynb` -> `index.html`, the home page).
+are Quarto's (`01_geometry.ipynb` -> `geometry.html`, `index.ipynb` -> `index.html`, the home page).
 
 Outputs. Quarto does not execute `.ipynb` files, so the site `nbdev_docs` builds shows what the notebooks store:
 code, prose, nbdev's show_doc signatures, and the outputs each notebook carries (figures, tables, printed results),
@@ -299,7 +299,7 @@ def quarto_cells(nb):
 
 
 def page_name(rel):
-    "The page Quarto writes for a notebook (nbdev's output-file rule): 00_geometry.ipynb -> geometry.html."
+    "The page Quarto writes for a notebook (nbdev's output-file rule): 01_geometry.ipynb -> geometry.html."
     from nbdev.doclinks import _nbpath2html
     return _nbpath2html(Path(rel)).as_posix()
 

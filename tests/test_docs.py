@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
-API_NB, API_PAGE = '01_drr.ipynb', 'drr.html'      # one API notebook: fast to process, documents render_drr
+API_NB, API_PAGE = '05_drr.ipynb', 'drr.html'      # one API notebook: fast to process, documents render_drr
 BROWSERS = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
 
 
