@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
+from pathlib import Path
 import dataclasses
 import json
 import math
@@ -13,18 +16,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from safetensors.torch import save_file
+
+import progressive_ct
 
 from .errors import InputError
 from .config import CASCADE_TIERS, ModelConfig, check_stage
 from .geometry import Geometry, geometry_preset
-from .ops import crop_slices, maybe_checkpoint, resize_volume
+from .ops import atomic_write, crop_slices, load_weights, maybe_checkpoint, resize_volume
 from .encoder import MultiScaleXrayEncoder, norm_groups
 
 # %% auto #0
-__all__ = ['VoxelNorm', 'norm3d', 'ResBlock3d', 'pointwise', 'ZeroHead', 'fourier_positions', 'normalised_coords', 'sample_views',
-           'FeatureLifter', 'TransformerBlock', 'Stage1Base64', 'stage_targets', 'default_geometry', 'VolumeRefiner',
-           'Stage2Refiner128', 'Stage3Refiner256', 'ProgressiveCascadeModel']
+__all__ = ['CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'LIBRARY_NAME', 'HU_RANGE', 'VoxelNorm', 'norm3d', 'ResBlock3d',
+           'pointwise', 'ZeroHead', 'fourier_positions', 'normalised_coords', 'sample_views', 'FeatureLifter',
+           'TransformerBlock', 'Stage1Base64', 'stage_targets', 'default_geometry', 'VolumeRefiner', 'Stage2Refiner128',
+           'Stage3Refiner256', 'ProgressiveCascadeModel', 'sha256', 'save_pretrained', 'is_repo_id',
+           'is_pretrained_folder', 'pretrained_folder', 'load_pretrained', 'model_card']
 
 # %% ../nbs/11_cascade.ipynb #348af4ce
 class VoxelNorm(nn.Module):
@@ -392,7 +399,6 @@ class ProgressiveCascadeModel(nn.Module):
                         folder,        # where to write config.json, model.safetensors and README.md
                         **kwargs):     # stage, radiograph_reference, evaluation, trained_on (see `progressive_ct.hub.save_pretrained`)
         "Write the cascade the way the Hugging Face Hub expects (configuration, safetensors weights, model card)."
-        from progressive_ct.hub import save_pretrained
         return save_pretrained(self, folder, **kwargs)
 
     @classmethod
@@ -400,7 +406,6 @@ class ProgressiveCascadeModel(nn.Module):
                         name_or_path,              # a folder written by `save_pretrained` / `progressive-ct export`, or a Hub repo id
                         revision: str | None = None):  # a branch, tag or commit of the repo
         "A pretrained cascade, its weights checked against the checksum its configuration records (eval mode)."
-        from progressive_ct.hub import load_pretrained
         return load_pretrained(name_or_path, revision)[0]
 
     @property
@@ -453,6 +458,165 @@ class ProgressiveCascadeModel(nn.Module):
     def trainable_parameters(self) -> list:
         "The parameters an optimiser should get (those of the stage set, or all before `set_stage`)."
         return [p for p in self.parameters() if p.requires_grad]
+
+# %% ../nbs/11_cascade.ipynb #d5edd2f0
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = 'config.json', 'model.safetensors', 'README.md'
+
+LIBRARY_NAME = 'progressive_ct'
+
+HU_RANGE = 'data range 1 on the [0, 1] scale = HU window -1000..1500 (2500 HU)'
+
+def sha256(path) -> str:
+    "The SHA-256 of a file, in hex."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+def save_pretrained(
+    model: ProgressiveCascadeModel,  # the cascade (trained)
+    folder,                          # where to write config.json, model.safetensors and README.md
+    stage: int = 3,                  # the last stage trained: what the model reconstructs up to
+    radiograph_reference: dict | None = None,  # the dataset's radiograph calibration (for your own radiograph files)
+    evaluation: list | None = None,  # rows of the run's evaluation (`run_evaluation`), shown in the card
+    trained_on: dict | None = None,  # what it was trained on (`run_evaluation`'s dataset summary)
+) -> Path:
+    "Write a trained cascade the way the Hugging Face Hub expects: configuration, safetensors weights, model card."
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda t: save_file(state, str(t), metadata={'format': 'pt', 'library': LIBRARY_NAME}))
+    config = {'library_name': LIBRARY_NAME, 'code_version': progressive_ct.__version__, 'model': model.config, 'stage': int(stage),
+              'radiograph_reference': radiograph_reference, 'trained_on': trained_on or {}, 'evaluation': evaluation or [],
+              'weights': {'file': WEIGHTS_FILE, 'sha256': sha256(folder / WEIGHTS_FILE)}}
+    atomic_write(folder / CONFIG_FILE, lambda t: Path(t).write_text(json.dumps(config, indent=2)))
+    atomic_write(folder / CARD_FILE, lambda t: Path(t).write_text(model_card(config)))
+    return folder
+
+# %% ../nbs/11_cascade.ipynb #20a8e017
+def is_repo_id(name: str) -> bool:
+    "Shaped like a Hugging Face Hub repo id: owner/name."
+    return re.fullmatch(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*', str(name)) is not None
+
+def is_pretrained_folder(path) -> bool:
+    "A folder written by `save_pretrained` (its config.json names the library; a run folder's config.json does not)."
+    f = Path(path) / CONFIG_FILE
+    try: return f.is_file() and json.loads(f.read_text()).get('library_name') == LIBRARY_NAME
+    except (OSError, ValueError, AttributeError): return False
+
+def pretrained_folder(
+    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id (owner/name)
+    revision: str | None = None,# a branch, tag or commit of the repo
+) -> Path:
+    "The local folder of a pretrained cascade: the path itself, or the repo's files fetched from the Hub."
+    p = Path(name_or_path)
+    if p.exists():
+        if not p.is_dir(): raise InputError(f"{p}: expected a folder written by save_pretrained / progressive-ct export")
+        return p
+    if not is_repo_id(str(name_or_path)):
+        raise InputError(f"{name_or_path}: no such folder, and not a Hugging Face Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    try: return Path(snapshot_download(repo_id=str(name_or_path), revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]))
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise InputError(f"{name_or_path}: no such folder here, and the Hugging Face Hub could not give that repo ({type(e).__name__}: {why})") from None
+
+def load_pretrained(
+    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id
+    revision: str | None = None,
+) -> tuple:                     # (the cascade in eval mode, its record: config.json with 'file' and 'stage')
+    "Rebuild a pretrained cascade and load its weights, after checking them against the checksum config.json records."
+    folder = pretrained_folder(name_or_path, revision)
+    cfg_file, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_file.is_file(): raise InputError(f"{folder}: no {CONFIG_FILE}: not a folder written by save_pretrained / progressive-ct export")
+    try: config = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e: raise InputError(f"{cfg_file}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict) or config.get('library_name') != LIBRARY_NAME or not isinstance(config.get('model'), dict):
+        raise InputError(f"{cfg_file}: not the configuration of a {LIBRARY_NAME} cascade")
+    if not weights.is_file(): raise InputError(f"{weights}: missing: the weights of the cascade {cfg_file} describes")
+    want = (config.get('weights') or {}).get('sha256')
+    if want and sha256(weights) != want:
+        raise InputError(f"{weights}: its SHA-256 differs from the one {cfg_file.name} records: the file was altered or is incomplete; "
+                         "download or export it again")
+    try: model = ProgressiveCascadeModel.from_config(config['model'])
+    except (TypeError, KeyError, ValueError) as e: raise InputError(f"{cfg_file}: its 'model' entry does not describe a cascade ({e})") from None
+    load_weights(model, weights)
+    stage = int(config.get('stage', 3))
+    return model.eval(), {**config, 'file': str(weights), 'stage': stage, 'pretrained': str(name_or_path)}
+
+# %% ../nbs/11_cascade.ipynb #6b16cc47
+def _card_rows(evaluation: list) -> str:
+    head = f"| stage | grid | split | patients | PSNR dB ({HU_RANGE}) | SSIM 3D |\n|---|---|---|---|---|---|\n"
+    return head + ''.join(f"| {r['stage']} | {r['grid']}³ | {r['split']} | {r.get('patients', '')} | {r['psnr']:.2f} | {r['ssim']:.4f} |\n"
+                          for r in evaluation)
+
+def model_card(
+    config: dict,   # the `config.json` of a pretrained cascade
+) -> str:           # README.md: YAML front matter, then the card
+    "The model card of a pretrained cascade, from its configuration."
+    m, ev, data = config['model'], config.get('evaluation') or [], config.get('trained_on') or {}
+    grids = ' → '.join(f"{n}³" for n in m['voxel_dims']) if 'voxel_dims' in m else ''
+    synthetic = data.get('source', 'phantoms') == 'phantoms'
+    results = ''.join(f"""      - task: {{type: image-to-3d, name: CT reconstruction from two radiographs}}
+        dataset: {{name: {data.get('name', 'unknown')}, type: {data.get('name', 'unknown')}, split: {r['split']}}}
+        metrics:
+          - {{type: psnr, name: stage {r['stage']} PSNR ({r['grid']}³; data range 1 = 2500 HU), value: {r['psnr']:.3f}}}
+          - {{type: ssim, name: stage {r['stage']} SSIM 3D ({r['grid']}³), value: {r['ssim']:.4f}}}
+""" for r in ev)
+    front = (f"---\nlibrary_name: {LIBRARY_NAME}\nlicense: apache-2.0\ntags:\n  - ct-reconstruction\n  - x-ray\n  - medical-imaging\n"
+             f"  - 3d\n  - pytorch\n  - {LIBRARY_NAME}\n"
+             + (f"datasets:\n  - {data['name']}\n" if data.get('name') else '')
+             + "metrics:\n  - psnr\n  - ssim\n"
+             + (f"model-index:\n  - name: {data.get('model_name', 'progressive-ct-cascade')}\n    results:\n{results}" if ev else '')
+             + "---\n")
+    views = ', '.join(v['name'] for v in m['geometry']['views'])
+    return front + f"""
+# progressive_ct cascade: a CT volume from two radiographs ({grids})
+
+A progressive cascade ({LIBRARY_NAME} {config.get('code_version', '')}): a shared multi-scale X-ray encoder reads the
+{views} radiographs ({m['xray_img_size']}² pixels, {m['geometry']['kind']} beam), stage 1 predicts the coarse volume as a
+residual on its training split's mean CT, and each later stage upsamples the previous one and adds detail. The field of
+view is a {config['model']['fov_mm']:g} mm cube; the volumes are on the [0, 1] scale of the HU window -1000..1500.
+Trained up to stage {config['stage']}.
+
+## Evaluation
+
+{_card_rows(ev) if ev else 'No evaluation was recorded with this model.'}
+PSNR is 3D, with {HU_RANGE}; SSIM is 3D (a Gaussian window, σ = 1.5 voxels) on each stage's own grid. A `val` row is the
+stage's best epoch, which the validation split chose; a `test` row comes from `progressive-ct infer --mode evaluate` on
+patients no choice saw.
+
+## Training data
+
+{data.get('description', 'Not recorded.')}
+
+## How to use
+
+```python
+from progressive_ct.cascade import ProgressiveCascadeModel
+model = ProgressiveCascadeModel.from_pretrained("OWNER/NAME")      # or a local folder
+```
+
+```bash
+progressive-ct infer --checkpoint OWNER/NAME --mode files --xray-ap AP.png --xray-lat LAT.png --save-nifti
+```
+
+## Intended use
+
+Research on reconstructing CT volumes from biplanar radiographs: comparing methods, studying what two views
+determine, pre-training. Not a medical device; not for diagnosis or treatment decisions.
+
+## Limitations
+
+{'It was trained on **synthetic** data: ' if synthetic else ''}its radiographs are digitally reconstructed radiographs (DRRs) rendered from CT
+volumes in the geometry above, not radiographs from an X-ray unit. Real radiographs differ (scatter, detector response,
+exposure, positioning, collimation, post-processing), and the gap between DRRs and real radiographs is not measured
+here: expect worse reconstructions on real images. Radiographs must be in the geometry and calibration this model was
+trained with (`config.json`: `model.geometry`, `radiograph_reference`).
+
+## Licence
+
+Apache-2.0, as the {LIBRARY_NAME} code. The training data's own terms apply to anything derived from it.
+"""
 
 # %% ../nbs/11_cascade.ipynb #0616eb32
 from torch.utils.flop_counter import FlopCounterMode

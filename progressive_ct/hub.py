@@ -4,181 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-import progressive_ct
-from .errors import InputError
-from .ops import atomic_write
-from .cascade import ProgressiveCascadeModel
+from .cascade import CARD_FILE, CONFIG_FILE, LIBRARY_NAME, WEIGHTS_FILE, save_pretrained
+from .runs import Phase, load_checkpoint
 
 # %% auto #0
-__all__ = ['CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'LIBRARY_NAME', 'HU_RANGE', 'sha256', 'save_pretrained', 'is_repo_id',
-           'is_pretrained_folder', 'pretrained_folder', 'load_pretrained', 'model_card', 'run_evaluation', 'export_run',
-           'add_export_arguments', 'export_command']
-
-# %% ../nbs/21_hub.ipynb #f7665e50
-CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = 'config.json', 'model.safetensors', 'README.md'
-LIBRARY_NAME = 'progressive_ct'
-HU_RANGE = 'data range 1 on the [0, 1] scale = HU window -1000..1500 (2500 HU)'
-
-def sha256(path) -> str:
-    "The SHA-256 of a file, in hex."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
-def save_pretrained(
-    model: ProgressiveCascadeModel,  # the cascade (trained)
-    folder,                          # where to write config.json, model.safetensors and README.md
-    stage: int = 3,                  # the last stage trained: what the model reconstructs up to
-    radiograph_reference: dict | None = None,  # the dataset's radiograph calibration (for your own radiograph files)
-    evaluation: list | None = None,  # rows of the run's evaluation (`run_evaluation`), shown in the card
-    trained_on: dict | None = None,  # what it was trained on (`run_evaluation`'s dataset summary)
-) -> Path:
-    "Write a trained cascade the way the Hugging Face Hub expects: configuration, safetensors weights, model card."
-    folder = Path(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda t: save_file(state, str(t), metadata={'format': 'pt', 'library': LIBRARY_NAME}))
-    config = {'library_name': LIBRARY_NAME, 'code_version': progressive_ct.__version__, 'model': model.config, 'stage': int(stage),
-              'radiograph_reference': radiograph_reference, 'trained_on': trained_on or {}, 'evaluation': evaluation or [],
-              'weights': {'file': WEIGHTS_FILE, 'sha256': sha256(folder / WEIGHTS_FILE)}}
-    atomic_write(folder / CONFIG_FILE, lambda t: Path(t).write_text(json.dumps(config, indent=2)))
-    atomic_write(folder / CARD_FILE, lambda t: Path(t).write_text(model_card(config)))
-    return folder
-
-# %% ../nbs/21_hub.ipynb #67e7aa0e
-def is_repo_id(name: str) -> bool:
-    "Shaped like a Hugging Face Hub repo id: owner/name."
-    return re.fullmatch(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*', str(name)) is not None
-
-def is_pretrained_folder(path) -> bool:
-    "A folder written by `save_pretrained` (its config.json names the library; a run folder's config.json does not)."
-    f = Path(path) / CONFIG_FILE
-    try: return f.is_file() and json.loads(f.read_text()).get('library_name') == LIBRARY_NAME
-    except (OSError, ValueError, AttributeError): return False
-
-def pretrained_folder(
-    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id (owner/name)
-    revision: str | None = None,# a branch, tag or commit of the repo
-) -> Path:
-    "The local folder of a pretrained cascade: the path itself, or the repo's files fetched from the Hub."
-    p = Path(name_or_path)
-    if p.exists():
-        if not p.is_dir(): raise InputError(f"{p}: expected a folder written by save_pretrained / progressive-ct export")
-        return p
-    if not is_repo_id(str(name_or_path)):
-        raise InputError(f"{name_or_path}: no such folder, and not a Hugging Face Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-    try: return Path(snapshot_download(repo_id=str(name_or_path), revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]))
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise InputError(f"{name_or_path}: no such folder here, and the Hugging Face Hub could not give that repo ({type(e).__name__}: {why})") from None
-
-def load_pretrained(
-    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id
-    revision: str | None = None,
-) -> tuple:                     # (the cascade in eval mode, its record: config.json with 'file' and 'stage')
-    "Rebuild a pretrained cascade and load its weights, after checking them against the checksum config.json records."
-    from progressive_ct.train import load_weights
-    folder = pretrained_folder(name_or_path, revision)
-    cfg_file, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not cfg_file.is_file(): raise InputError(f"{folder}: no {CONFIG_FILE}: not a folder written by save_pretrained / progressive-ct export")
-    try: config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e: raise InputError(f"{cfg_file}: cannot be read as JSON ({e})") from None
-    if not isinstance(config, dict) or config.get('library_name') != LIBRARY_NAME or not isinstance(config.get('model'), dict):
-        raise InputError(f"{cfg_file}: not the configuration of a {LIBRARY_NAME} cascade")
-    if not weights.is_file(): raise InputError(f"{weights}: missing: the weights of the cascade {cfg_file} describes")
-    want = (config.get('weights') or {}).get('sha256')
-    if want and sha256(weights) != want:
-        raise InputError(f"{weights}: its SHA-256 differs from the one {cfg_file.name} records: the file was altered or is incomplete; "
-                         "download or export it again")
-    try: model = ProgressiveCascadeModel.from_config(config['model'])
-    except (TypeError, KeyError, ValueError) as e: raise InputError(f"{cfg_file}: its 'model' entry does not describe a cascade ({e})") from None
-    load_weights(model, weights)
-    stage = int(config.get('stage', 3))
-    return model.eval(), {**config, 'file': str(weights), 'stage': stage, 'pretrained': str(name_or_path)}
-
-# %% ../nbs/21_hub.ipynb #0411e0aa
-def _card_rows(evaluation: list) -> str:
-    head = f"| stage | grid | split | patients | PSNR dB ({HU_RANGE}) | SSIM 3D |\n|---|---|---|---|---|---|\n"
-    return head + ''.join(f"| {r['stage']} | {r['grid']}³ | {r['split']} | {r.get('patients', '')} | {r['psnr']:.2f} | {r['ssim']:.4f} |\n"
-                          for r in evaluation)
-
-def model_card(
-    config: dict,   # the `config.json` of a pretrained cascade
-) -> str:           # README.md: YAML front matter, then the card
-    "The model card of a pretrained cascade, from its configuration."
-    m, ev, data = config['model'], config.get('evaluation') or [], config.get('trained_on') or {}
-    grids = ' → '.join(f"{n}³" for n in m['voxel_dims']) if 'voxel_dims' in m else ''
-    synthetic = data.get('source', 'phantoms') == 'phantoms'
-    results = ''.join(f"""      - task: {{type: image-to-3d, name: CT reconstruction from two radiographs}}
-        dataset: {{name: {data.get('name', 'unknown')}, type: {data.get('name', 'unknown')}, split: {r['split']}}}
-        metrics:
-          - {{type: psnr, name: stage {r['stage']} PSNR ({r['grid']}³; data range 1 = 2500 HU), value: {r['psnr']:.3f}}}
-          - {{type: ssim, name: stage {r['stage']} SSIM 3D ({r['grid']}³), value: {r['ssim']:.4f}}}
-""" for r in ev)
-    front = (f"---\nlibrary_name: {LIBRARY_NAME}\nlicense: apache-2.0\ntags:\n  - ct-reconstruction\n  - x-ray\n  - medical-imaging\n"
-             f"  - 3d\n  - pytorch\n  - {LIBRARY_NAME}\n"
-             + (f"datasets:\n  - {data['name']}\n" if data.get('name') else '')
-             + "metrics:\n  - psnr\n  - ssim\n"
-             + (f"model-index:\n  - name: {data.get('model_name', 'progressive-ct-cascade')}\n    results:\n{results}" if ev else '')
-             + "---\n")
-    views = ', '.join(v['name'] for v in m['geometry']['views'])
-    return front + f"""
-# progressive_ct cascade: a CT volume from two radiographs ({grids})
-
-A progressive cascade ({LIBRARY_NAME} {config.get('code_version', '')}): a shared multi-scale X-ray encoder reads the
-{views} radiographs ({m['xray_img_size']}² pixels, {m['geometry']['kind']} beam), stage 1 predicts the coarse volume as a
-residual on its training split's mean CT, and each later stage upsamples the previous one and adds detail. The field of
-view is a {config['model']['fov_mm']:g} mm cube; the volumes are on the [0, 1] scale of the HU window -1000..1500.
-Trained up to stage {config['stage']}.
-
-## Evaluation
-
-{_card_rows(ev) if ev else 'No evaluation was recorded with this model.'}
-PSNR is 3D, with {HU_RANGE}; SSIM is 3D (a Gaussian window, σ = 1.5 voxels) on each stage's own grid. A `val` row is the
-stage's best epoch, which the validation split chose; a `test` row comes from `progressive-ct infer --mode evaluate` on
-patients no choice saw.
-
-## Training data
-
-{data.get('description', 'Not recorded.')}
-
-## How to use
-
-```python
-from progressive_ct.cascade import ProgressiveCascadeModel
-model = ProgressiveCascadeModel.from_pretrained("OWNER/NAME")      # or a local folder
-```
-
-```bash
-progressive-ct infer --checkpoint OWNER/NAME --mode files --xray-ap AP.png --xray-lat LAT.png --save-nifti
-```
-
-## Intended use
-
-Research on reconstructing CT volumes from biplanar radiographs: comparing methods, studying what two views
-determine, pre-training. Not a medical device; not for diagnosis or treatment decisions.
-
-## Limitations
-
-{'It was trained on **synthetic** data: ' if synthetic else ''}its radiographs are digitally reconstructed radiographs (DRRs) rendered from CT
-volumes in the geometry above, not radiographs from an X-ray unit. Real radiographs differ (scatter, detector response,
-exposure, positioning, collimation, post-processing), and the gap between DRRs and real radiographs is not measured
-here: expect worse reconstructions on real images. Radiographs must be in the geometry and calibration this model was
-trained with (`config.json`: `model.geometry`, `radiograph_reference`).
-
-## Licence
-
-Apache-2.0, as the {LIBRARY_NAME} code. The training data's own terms apply to anything derived from it.
-"""
+__all__ = ['run_evaluation', 'export_run', 'add_export_arguments', 'export_command']
 
 # %% ../nbs/21_hub.ipynb #c3e5555c
 def run_evaluation(
@@ -188,7 +23,7 @@ def run_evaluation(
     "What a run measured (each stage's best validation epoch; the test split from an evaluate summary) and what it was trained on."
     run, rows, trained_on = Path(run), [], {}
     for k in (1, 2, 3):
-        f = run / f'stage{k}_best.json'
+        f = Phase(k).weights(run).with_suffix('.json')
         if not f.is_file(): continue
         rec = json.loads(f.read_text())
         m = rec.get('metrics') or {}
@@ -224,7 +59,6 @@ def export_run(
     push_to_hub: str | None = None,  # a Hub repo id to upload the folder to (needs a network and a token)
 ) -> Path:
     "A run's final weights as a pretrained folder (config, safetensors, card); uploaded to the Hub when asked."
-    from progressive_ct.inference import load_checkpoint
     model, record = load_checkpoint(run)
     rows, trained_on = run_evaluation(Path(record['file']).parent, summary)
     save_pretrained(model, out, record['stage'], record.get('radiograph_reference'), rows, trained_on)

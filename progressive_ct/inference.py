@@ -27,66 +27,11 @@ from .dataset import CTDataset, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import DRRReprojectionLoss
 from .metrics import X2CT_PEAK, oracles, stage_metrics, volume_metrics
-from .train import load_weights
-
+from .runs import load_checkpoint
 
 # %% auto #0
-__all__ = ['PICKLED_SUFFIXES', 'METRIC_DEFINITIONS', 'MODES', 'FILES_WARNING', 'resolve_checkpoint', 'load_checkpoint',
-           'reconstruct', 'reproject', 'check_dataset_fits', 'run_inference', 'format_summary', 'add_infer_arguments',
-           'infer_command', 'main']
-
-# %% ../nbs/20_inference.ipynb #42530227
-PICKLED_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.pkl')
-
-def resolve_checkpoint(
-    path,    # a .safetensors weights file, or a run folder holding stageK_best.safetensors (or end_to_end_best.safetensors)
-) -> Path:   # the weights file
-    "The weights file a checkpoint argument names: the file itself, or the best weights of the last step trained in a run folder."
-    p = Path(path)
-    if p.is_dir():
-        for name in ('end_to_end', 'stage3', 'stage2', 'stage1'):
-            if (p / f'{name}_best.safetensors').is_file(): return p / f'{name}_best.safetensors'
-        raise InputError(f"{p}: no stage3_best.safetensors (nor stage2/stage1) in this folder: is it a run's checkpoints.save_dir?")
-    if not p.exists(): raise InputError(f"{p}: no such checkpoint file or run folder")
-    if p.suffix.lower() in PICKLED_SUFFIXES:
-        raise InputError(f"{p}: a pickled PyTorch file; progressive_ct never unpickles a file it is given. "
-                         "Use the .safetensors weights that training writes (e.g. stage3_best.safetensors)")
-    if p.suffix.lower() != '.safetensors': raise InputError(f"{p}: expected a .safetensors weights file or a run folder")
-    return p
-
-def _model_from_record(record: dict, side: Path) -> ProgressiveCascadeModel:
-    "Rebuild the cascade a weights record describes."
-    if isinstance(record.get('model'), dict):
-        try: return ProgressiveCascadeModel.from_config(record['model'])
-        except (TypeError, KeyError, ValueError) as e:
-            raise InputError(f"{side}: its 'model' entry does not describe a cascade ({e})") from None
-    if 'config' in record and 'dataset' in record:       # records written before the model's arguments were stored
-        from progressive_ct.config import config_from_dict
-        from progressive_ct.train import build_model
-        return build_model(config_from_dict(record['config'], str(side)), load_metadata(record['dataset']))
-    raise InputError(f"{side}: neither the model's arguments ('model') nor its run configuration and dataset: cannot rebuild the model")
-
-def load_checkpoint(
-    path,                   # a .safetensors weights file, a run folder, an exported folder or a Hugging Face Hub repo id
-    device='cpu',           # where the model goes
-) -> tuple:                 # (model in eval mode, record: the JSON beside the weights, with 'file' and 'stage')
-    "Rebuild the cascade of a checkpoint and load its weights (safetensors: nothing is unpickled)."
-    from progressive_ct.hub import is_pretrained_folder, is_repo_id, load_pretrained
-    p = Path(path)
-    if is_pretrained_folder(p) or (not p.exists() and is_repo_id(str(path))):
-        model, record = load_pretrained(path)                  # an exported folder, or a Hugging Face Hub repo id
-        return model.to(device).eval(), record
-    f = resolve_checkpoint(path)
-    side = f.with_suffix('.json')
-    if not side.is_file(): raise InputError(f"{f}: no {side.name} beside it: the record of the model's configuration is needed to rebuild the model")
-    try: record = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as e: raise InputError(f"{side}: cannot be read as JSON ({e})") from None
-    if not isinstance(record, dict): raise InputError(f"{side}: expected a JSON object")
-    model = _model_from_record(record, side)
-    load_weights(model, f)
-    stage = int(record.get('stage', 3))
-    if stage not in (1, 2, 3): raise InputError(f"{side}: stage {stage!r}: expected 1, 2 or 3")
-    return model.to(device).eval(), {**record, 'file': str(f), 'stage': stage}
+__all__ = ['METRIC_DEFINITIONS', 'MODES', 'FILES_WARNING', 'reconstruct', 'reproject', 'check_dataset_fits', 'run_inference',
+           'format_summary', 'add_infer_arguments', 'infer_command', 'main']
 
 # %% ../nbs/20_inference.ipynb #2802357e
 @torch.no_grad()

@@ -3,6 +3,7 @@
 # %% ../nbs/03_ops.ipynb #ae39ff3b
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -10,12 +11,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from safetensors.torch import load_file, save_file
+
+import progressive_ct
 
 from .errors import InputError
 
 # %% auto #0
 __all__ = ['resize_volume', 'resample_radiographs', 'crop_slices', 'random_crop', 'paste_crop', 'maybe_checkpoint', 'file_mode',
-           'atomic_write']
+           'atomic_write', 'save_weights', 'load_weights']
 
 # %% ../nbs/03_ops.ipynb #c29249b3
 def resize_volume(
@@ -114,3 +118,38 @@ def atomic_write(
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+# %% ../nbs/03_ops.ipynb #54f4fb99
+def save_weights(
+    model: torch.nn.Module,  # the (unwrapped) model
+    path,                    # .safetensors file
+    info: dict,              # written beside it as JSON (config, stage, epoch, metrics, ...)
+    state: dict | None = None, # the weights to write (default: `model.state_dict()`; sharded training: `accelerator.get_state_dict`)
+) -> Path:
+    "Weights as safetensors and a JSON record beside them, both written atomically."
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in (model.state_dict() if state is None else state).items()}
+    atomic_write(path, lambda t: save_file(state, str(t), metadata={'format': 'pt', 'stage': str(info.get('stage', ''))}))
+    record = {**info, 'code_version': progressive_ct.__version__, 'weights': path.name}
+    atomic_write(path.with_suffix('.json'), lambda t: Path(t).write_text(json.dumps(record, indent=2)))
+    return path
+
+def load_weights(
+    model: torch.nn.Module,  # the model to fill
+    path,                    # .safetensors file written by `save_weights`
+) -> dict:                   # the JSON record beside it
+    "Load safetensors weights (no unpickling); the shapes must match the model exactly."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"{path}: no such weights file")
+    try: state = load_file(str(path))
+    except Exception as e: raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    own = model.state_dict()
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing, extra = [k for k in own if k not in state], [k for k in state if k not in own]
+    if wrong or missing or extra:
+        what = (f"{len(wrong)} tensors of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})" if wrong
+                else f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})")
+        raise InputError(f"{path}: weights of another model or configuration: {what}")
+    model.load_state_dict(state)
+    side = path.with_suffix('.json')
+    return json.loads(side.read_text()) if side.is_file() else {}

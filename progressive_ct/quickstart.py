@@ -13,11 +13,13 @@ import torch
 from .errors import InputError
 from .config import default_quickstart_config, resolve_path
 from .geometry import unit_to_hu
-from .ops import atomic_write, resize_volume
+from .ops import atomic_write, load_weights, resize_volume
 from .volumes import save_nifti
 from .dataset import CTDataset, load_metadata
 from .metrics import bootstrap_ci, mae_hu, oracles, psnr3d, ssim3d
-from .train import build_model, final_weights, load_weights, mean_volume, stage_loader, train
+from .runs import build_model, final_weights, mean_volume
+from .train_step import stage_loader
+from .train import train
 
 # %% auto #0
 __all__ = ['STAGES', 'DATA_RANGE', 'evaluate_stages', 'beats_baselines', 'quality_checks', 'format_table', 'write_samples',
