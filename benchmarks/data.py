@@ -151,7 +151,7 @@ def bench_storage(root: Path, n: int = 128, rows: int = 8, reps: int = 3) -> lis
 
 def loader_rate(path: Path, n: int, batch_size: int, workers: int, epochs: int) -> float:
     "Samples/s of the trainer's loader over the train split: median over the epochs after the first (workers started, page cache warm)."
-    from progressive_ct.train import stage_loader
+    from progressive_ct.train_step import stage_loader
     loader = stage_loader(path, 'train', n, batch_size, seed=0, num_workers=workers)
     rates = []
     for e in range(epochs):
@@ -167,7 +167,9 @@ def bench_stage_rates(root: Path, config: str, patients: int, workers: int, epoc
     from dataclasses import asdict
     from progressive_ct.config import load_config
     from progressive_ct.dataset import GRIDS_DIR, cache_grids, load_metadata
-    from progressive_ct.train import make_accelerator, measure_step, phase_grid
+    from progressive_ct.runs import make_accelerator
+    from progressive_ct.preflight import measure_step
+    from progressive_ct.runs import Phase
     cfg = load_config(config)
     cfg.loss.allow_random_vgg = True                                   # offline here; the same cost
     cfg.training.mixed_precision = 'no'                                # the CPU's step in float32 (one precision per process)
@@ -177,7 +179,7 @@ def bench_stage_rates(root: Path, config: str, patients: int, workers: int, epoc
     cache_grids(path, cfg.voxel_dims, log=lambda *a: None)
     meta, acc, rows = load_metadata(path), make_accelerator(cfg, cpu=True), []
     for k in (1, 2, 3):
-        n, B = phase_grid(cfg, k), cfg.stage(k).batch_size
+        n, B = Phase(k).grid(cfg), cfg.stage(k).batch_size
         cached = loader_rate(path, n, B, workers, epochs)
         pooled = None
         if n < meta['resolution']:                                     # the same loader without the stored grids

@@ -33,7 +33,8 @@ GOAL = {'stage': 3, 'samples_per_s': 5.0, 'peak_memory_gb': 20.0}   # per GPU, a
 def child(config, stage, variant, steps, device, tiny):
     import torch
     from progressive_ct.config import load_config
-    from progressive_ct.train import config_meta, make_accelerator, measure_step
+    from progressive_ct.runs import config_meta, make_accelerator
+    from progressive_ct.preflight import measure_step
     cfg = load_config(config)
     cfg.loss.allow_random_vgg = True                 # the benchmark machine may be offline: same cost
     for key, value in VARIANTS[variant].items():

@@ -56,7 +56,8 @@ def _mem_available():
 def step(args):
     "One configuration, in this process: prints one JSON line."
     import warnings
-    from progressive_ct.cascade import ProgressiveCascadeModel, paste_crop, resize_volume
+    from progressive_ct.ops import paste_crop, resize_volume
+    from progressive_ct.cascade import ProgressiveCascadeModel
     from progressive_ct.losses import Stage3Loss
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -157,7 +158,7 @@ def main():
         rows = json.loads(Path(args.out).read_text())['runs']
         args.grids = sorted({r['voxel_dims'][-1] for r in rows}); args.batch = sorted({r['batch'] for r in rows})
         return report(args, rows)
-    from progressive_ct.cascade import CASCADE_TIERS
+    from progressive_ct.config import CASCADE_TIERS
     base_dims = CASCADE_TIERS[args.tier].dims
     rows = []
     for grid in sorted(args.grids):

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def base_config(work, patients):
-    from progressive_ct.quickstart import default_quickstart_config
+    from progressive_ct.config import default_quickstart_config
     c = default_quickstart_config()
     c['data'].update(dataset_path=str(work / 'dataset'), max_patients=patients)
     return c
@@ -78,7 +78,8 @@ def run_arm(name, data, work, stages=None, copy_from=None):
 def score(cfg, run):
     from progressive_ct.dataset import load_metadata
     from progressive_ct.quickstart import evaluate_stages
-    from progressive_ct.train import build_model, final_weights, load_weights
+    from progressive_ct.ops import load_weights
+    from progressive_ct.runs import build_model, final_weights
     from progressive_ct.config import resolve_path
     path = resolve_path(cfg.data.dataset_path)
     model = build_model(cfg, load_metadata(path))
@@ -92,7 +93,7 @@ def sample_figure(model, path, out):
     import matplotlib.pyplot as plt
     from progressive_ct.dataset import CTDataset
     from progressive_ct.metrics import oracles
-    from progressive_ct.cascade import resize_volume
+    from progressive_ct.ops import resize_volume
     item = CTDataset(path, 'test', model.voxel_dims[-1])[0]
     with torch.no_grad():
         outs = [o.float().clamp(0, 1) for o in model.eval()(item['xray'][None], upto=3)]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from progressive_ct.train import StopSignals
+from progressive_ct.saving import StopSignals
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 

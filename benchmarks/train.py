@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(config, stage, steps, device):
     from progressive_ct.config import load_config
-    from progressive_ct.cascade import ProgressiveCascadeModel, paste_crop, random_crop, resize_volume
+    from progressive_ct.ops import paste_crop, random_crop, resize_volume
+    from progressive_ct.cascade import ProgressiveCascadeModel
     from progressive_ct.geometry import geometry_preset
     from progressive_ct.losses import STAGE_LOSSES
     cfg = load_config(config)

@@ -140,7 +140,7 @@ def preflight(
     if resume and not dry_run: lines.append(check_resume(cfg, out))
     done = set((read_json(out / PROGRESS_FILE, {}) if resume else {}).get('stages_done', []))
     for k in stages:
-        prev = Phase(k - 1).weights(out)
+        prev = Phase(k).previous.weights(out) if k > 1 else None
         if k > 1 and not dry_run and k - 1 not in stages and k not in done and not prev.is_file():
             raise InputError(f"{Phase(k).title}: needs {Phase(k - 1).name}'s weights {prev}, which are not there; train it first (--stages {k - 1},{k})")
     return lines

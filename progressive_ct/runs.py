@@ -25,7 +25,7 @@ from .config import Config, config_from_dict, dataset_geometry, resolve_path
 from .geometry import Geometry
 from .ops import atomic_write, load_weights
 from .dataset import CTDataset, META_FILE, load_metadata, prepare
-from .cascade import ProgressiveCascadeModel, is_pretrained_folder, is_repo_id
+from .cascade import ProgressiveCascadeModel, is_pretrained_folder, is_repo_id, load_pretrained
 
 # %% auto #0
 __all__ = ['END_TO_END', 'PHASES', 'CONFIG_FILE', 'METRICS_FILE', 'PROGRESS_FILE', 'STATES_DIR', 'PICKLED_SUFFIXES', 'Phase',
@@ -291,8 +291,8 @@ def load_checkpoint(
     "Rebuild the cascade of a checkpoint and load its weights (safetensors: nothing is unpickled)."
     p = Path(path)
     if is_pretrained_folder(p) or (not p.exists() and is_repo_id(str(path))):
-        model = ProgressiveCascadeModel.from_pretrained(path)   # an exported folder, or a Hugging Face Hub repo id
-        return model.to(device).eval(), model.pretrained_record
+        model, record = load_pretrained(path)                  # an exported folder, or a Hugging Face Hub repo id
+        return model.to(device).eval(), record
     f = resolve_checkpoint(path)
     side = f.with_suffix('.json')
     if not side.is_file(): raise InputError(f"{f}: no {side.name} beside it: the record of the model's configuration is needed to rebuild the model")

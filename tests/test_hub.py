@@ -44,7 +44,8 @@ def exported(run):
 def test_from_pretrained_reconstructs_bit_identically(run, exported):
     from progressive_ct.cascade import ProgressiveCascadeModel
     from progressive_ct.dataset import CTDataset
-    from progressive_ct.inference import load_checkpoint, reconstruct
+    from progressive_ct.runs import load_checkpoint
+    from progressive_ct.inference import reconstruct
     assert sorted(p.name for p in exported.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     original, record = load_checkpoint(run / 'run')
     again = ProgressiveCascadeModel.from_pretrained(exported)

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from progressive_ct.dataset import META_FILE, REPORT_FILE, CTDataset, load_metadata, make_loader, prepare
-from progressive_ct.geometry import InputError
+from progressive_ct.errors import InputError
 from progressive_ct.phantoms import chest_phantom
 from progressive_ct.volumes import Volume, canonical_ct, ipl_affine, save_nifti, write_dicom_series
 
@@ -153,7 +153,7 @@ def test_dicom_folder_like_lidc(tmp_path):
         assert (d['PatientID'], d['StudyInstanceUID'], d['SeriesInstanceUID']) == (pid, src.StudyInstanceUID, src.SeriesInstanceUID)
     from progressive_ct.cascade import ProgressiveCascadeModel
     from progressive_ct.geometry import Geometry
-    from progressive_ct.train import save_weights
+    from progressive_ct.ops import save_weights
     model = ProgressiveCascadeModel.from_tier('test', xray_img_size=32, voxel_dims=(12, 24, 48), fov_mm=400.0,
                                               geometry=Geometry.from_dict(meta['geometry']))          # untrained: the files are the point
     save_weights(model, tmp_path / 'w' / 'stage3_best.safetensors', {'stage': 3, 'model': model.config, 'dataset': str(tmp_path / 'ds')})

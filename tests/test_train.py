@@ -110,7 +110,7 @@ def test_end_to_end_phase_trains_every_stage(dataset, one_process, tmp_path):
     assert torch.equal(s3['stage1.mean_volume'], e2e['stage1.mean_volume'])
     log = (tmp_path / 'run' / 'metrics.csv').read_text()
     assert all(re.search(rf',4,1,\d+,train_stage{k}_l1,', log) for k in (1, 2, 3)), log[-1500:]
-    from progressive_ct.train import final_weights
+    from progressive_ct.runs import final_weights
     assert final_weights(tmp_path / 'run').name == 'end_to_end_best.safetensors' and record(tmp_path, 'end_to_end_best')['stage'] == 4
 
 
@@ -124,7 +124,8 @@ def test_two_processes_train_like_one(dataset, one_process, tmp_path):
     assert 'on 2 process(es)' in r.stdout, r.stdout[-2000:]
     from progressive_ct.config import load_config
     from progressive_ct.dataset import load_metadata
-    from progressive_ct.train import build_model, load_weights
+    from progressive_ct.ops import load_weights
+    from progressive_ct.runs import build_model
     from progressive_ct.quickstart import evaluate_stages
     c = load_config(cfg)
     results = []
@@ -362,7 +363,8 @@ def test_full_disk_is_one_line_and_the_last_state_survives(dataset, one_process,
     ns = _namespace_with_tmpfs()
     if ns is None: pytest.skip('cannot mount a tmpfs here (needs root or user namespaces with unshare)')
     from progressive_ct.config import load_config
-    from progressive_ct.train import build_model, save_bytes
+    from progressive_ct.runs import build_model
+    from progressive_ct.saving import save_bytes
     from progressive_ct.dataset import load_metadata
     mnt = tmp_path / 'mnt'; mnt.mkdir()
     cfg_file = write_config(tmp_path, dataset, **CUT, **{'checkpoints.save_dir': str(mnt / 'run')})
