@@ -46,6 +46,7 @@ class Phase(int):
             raise InputError(f"phase {number!r}: expected 1, 2, 3 or {END_TO_END} (the end-to-end phase)")
         return super().__new__(cls, int(number))
     def __repr__(self): return f'Phase({int(self)})'
+    def __str__(self): return str(int(self))          # in files (metrics.csv) and messages: the number
     @property
     def name(self) -> str:
         "'stage1' .. 'stage3', or 'end_to_end': in file names."
