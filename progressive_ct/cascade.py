@@ -10,8 +10,6 @@ from pathlib import Path
 import dataclasses
 import json
 import math
-import typing
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

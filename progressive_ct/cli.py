@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     command = next((a for a in argv if not a.startswith('-')), None)
     quiet = {}
     if command in ('train', 'quickstart'):              # both train: a signal stops them after saving
-        from progressive_ct.train import EXIT_STOPPED, TrainingStopped
+        from progressive_ct.saving import EXIT_STOPPED, TrainingStopped
         quiet = {TrainingStopped: EXIT_STOPPED}
     return command_main(build_parser(command if command in COMMANDS else None), argv, quiet)
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +216,7 @@ def _code_hash() -> str:
     "Hash of the modules that make a dataset's content: a code change rebuilds."
     import importlib
     h = hashlib.sha256()
-    for name in ('geometry', 'drr', 'volumes', 'dataset'):
+    for name in ('geometry', 'config', 'drr', 'volumes', 'dataset'):   # config: the data settings and dataset_geometry
         m = importlib.import_module(f'progressive_ct.{name}')
         h.update(Path(m.__file__).read_bytes())
     return h.hexdigest()[:16]

@@ -7,7 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 from .cascade import CARD_FILE, CONFIG_FILE, LIBRARY_NAME, WEIGHTS_FILE, save_pretrained
 from .runs import Phase, load_checkpoint

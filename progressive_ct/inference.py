@@ -7,7 +7,6 @@ import argparse
 import csv
 import inspect
 import json
-import math
 import os
 import shutil
 import sys

@@ -19,7 +19,7 @@ from .errors import InputError
 
 # %% auto #0
 __all__ = ['resize_volume', 'resample_radiographs', 'crop_slices', 'random_crop', 'paste_crop', 'maybe_checkpoint', 'file_mode',
-           'atomic_write', 'save_weights', 'load_weights']
+           'atomic_write', 'save_weights', 'read_weights', 'load_weights']
 
 # %% ../nbs/03_ops.ipynb #c29249b3
 def resize_volume(
@@ -134,15 +134,21 @@ def save_weights(
     atomic_write(path.with_suffix('.json'), lambda t: Path(t).write_text(json.dumps(record, indent=2)))
     return path
 
+def read_weights(
+    path,                    # .safetensors file
+) -> dict:                   # name -> tensor
+    "The tensors of a safetensors file; a missing or unreadable file is one error naming it."
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"{path}: no such weights file")
+    try: return load_file(str(path))
+    except Exception as e: raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+
 def load_weights(
     model: torch.nn.Module,  # the model to fill
     path,                    # .safetensors file written by `save_weights`
 ) -> dict:                   # the JSON record beside it
     "Load safetensors weights (no unpickling); the shapes must match the model exactly."
-    path = Path(path)
-    if not path.is_file(): raise InputError(f"{path}: no such weights file")
-    try: state = load_file(str(path))
-    except Exception as e: raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    state, path = read_weights(path), Path(path)
     own = model.state_dict()
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     missing, extra = [k for k in own if k not in state], [k for k in state if k not in own]

@@ -17,13 +17,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
-from safetensors.torch import load_file, save_file
 
-import progressive_ct
 from .errors import InputError
 from .config import Config, config_from_dict, dataset_geometry, resolve_path
 from .geometry import Geometry
-from .ops import atomic_write, load_weights
+from .ops import atomic_write, load_weights, read_weights
 from .dataset import CTDataset, META_FILE, load_metadata, prepare
 from .cascade import ProgressiveCascadeModel, is_pretrained_folder, is_repo_id, load_pretrained
 
@@ -237,10 +235,7 @@ def load_stage_weights(
     stages,                          # the stages whose modules to load (their encoder parts and stage modules)
 ) -> dict:
     "Load only what the given stages use, so a later stage can change shape without retraining the earlier ones."
-    path = Path(path)
-    if not path.is_file(): raise InputError(f"{path}: no such weights file")
-    try: state = load_file(str(path))
-    except Exception as e: raise InputError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    state, path = read_weights(path), Path(path)
     names = {id(m): n for n, m in model.named_modules()}
     for k in stages:
         for m in model.stage_modules(k):
@@ -302,6 +297,7 @@ def load_checkpoint(
     if not isinstance(record, dict): raise InputError(f"{side}: expected a JSON object")
     model = model_from_record(record, side)
     load_weights(model, f)
-    stage = int(record.get('stage', 3))
-    if stage not in (1, 2, 3): raise InputError(f"{side}: stage {stage!r}: expected 1, 2 or 3")
+    try: stage = Phase(record.get('stage', 3)).stage       # the record names the phase that wrote it; the end-to-end phase's ran stage 3
+    except (InputError, TypeError, ValueError):
+        raise InputError(f"{side}: stage {record.get('stage')!r}: expected the phase that wrote it, 1, 2, 3 or 4") from None
     return model.to(device).eval(), {**record, 'file': str(f), 'stage': stage}
