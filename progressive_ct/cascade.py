@@ -9,11 +9,13 @@ import re
 from pathlib import Path
 import dataclasses
 import json
+import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import save_file
 
 import progressive_ct
@@ -28,8 +30,8 @@ from .encoder import MultiScaleXrayEncoder, norm_groups
 __all__ = ['CONFIG_FILE', 'WEIGHTS_FILE', 'CARD_FILE', 'LIBRARY_NAME', 'HU_RANGE', 'VoxelNorm', 'norm3d', 'ResBlock3d',
            'pointwise', 'ZeroHead', 'fourier_positions', 'normalised_coords', 'sample_views', 'FeatureLifter',
            'TransformerBlock', 'Stage1Base64', 'stage_targets', 'default_geometry', 'VolumeRefiner', 'Stage2Refiner128',
-           'Stage3Refiner256', 'ProgressiveCascadeModel', 'sha256', 'save_pretrained', 'is_repo_id',
-           'is_pretrained_folder', 'pretrained_folder', 'load_pretrained', 'model_card']
+           'Stage3Refiner256', 'ProgressiveCascadeModel', 'sha256', 'pretrained_record', 'write_pretrained',
+           'is_repo_id', 'is_pretrained_folder', 'read_pretrained', 'load_pretrained', 'model_card']
 
 # %% ../nbs/11_cascade.ipynb #348af4ce
 class VoxelNorm(nn.Module):
@@ -354,8 +356,13 @@ class Stage3Refiner256(VolumeRefiner):
         super().__init__(config, 3, geometry, fov_mm)
 
 # %% ../nbs/11_cascade.ipynb #a8e1a6d8
-class ProgressiveCascadeModel(nn.Module):
-    "Encoder + three stages built from one `ModelConfig`; `forward(xray, upto=k)` gives every stage's volume up to k; `set_stage(k)` freezes the rest."
+CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = 'config.json', 'model.safetensors', 'README.md'   # a pretrained folder, as the Hub names them
+LIBRARY_NAME = 'progressive_ct'
+
+class ProgressiveCascadeModel(nn.Module, PyTorchModelHubMixin):
+    """Encoder + three stages built from one `ModelConfig`; `forward(xray, upto=k)` gives every stage's volume up to k;
+    `set_stage(k)` freezes the rest. `save_pretrained` / `from_pretrained` / `push_to_hub` are huggingface_hub's
+    (`PyTorchModelHubMixin`), with the kit's files: a checksummed `config.json`, strict loading, its own card."""
     def __init__(self,
                  config: ModelConfig | None = None, # the architecture (default: `ModelConfig()`, the full tier)
                  geometry: Geometry | None = None,  # views of the radiographs; default x2ct fitted to the field of view
@@ -394,17 +401,61 @@ class ProgressiveCascadeModel(nn.Module):
         return cls(ModelConfig().replace(**c), geometry, fov_mm)
 
     def save_pretrained(self,
-                        folder,        # where to write config.json, model.safetensors and README.md
-                        **kwargs):     # stage, radiograph_reference, evaluation, trained_on (see `progressive_ct.hub.save_pretrained`)
-        "Write the cascade the way the Hugging Face Hub expects (configuration, safetensors weights, model card)."
-        return save_pretrained(self, folder, **kwargs)
+                        folder,                                   # where to write config.json, model.safetensors and README.md
+                        *,
+                        stage: int = 3,                           # the last stage trained: what the model reconstructs up to
+                        radiograph_reference: dict | None = None, # the dataset's radiograph calibration (for your own radiograph files)
+                        evaluation: list | None = None,           # rows of the run's evaluation (`hub.run_evaluation`), shown in the card
+                        trained_on: dict | None = None,           # what it was trained on (`hub.run_evaluation`'s dataset summary)
+                        **hub_kwargs):                            # huggingface_hub's: push_to_hub, repo_id, token, private, ...
+        """Write the cascade the Hugging Face Hub's way (huggingface_hub's `save_pretrained`): `config.json` with the
+        weights' SHA-256, `model.safetensors`, the model card; `push_to_hub=True` uploads the folder. Returns the folder
+        (the commit's URL when pushed)."""
+        outer = getattr(self, '_pretrained_record', None) is None        # `push_to_hub` saves again into a temporary folder
+        if outer: self._pretrained_record = pretrained_record(self, stage, radiograph_reference, evaluation, trained_on)
+        try: url = super().save_pretrained(folder, **hub_kwargs)
+        finally:
+            if outer: del self._pretrained_record
+        return url or Path(folder)
+
+    def _save_pretrained(self, save_directory: Path):
+        "huggingface_hub's hook: the weights, then `config.json` (with their SHA-256) and the card, each written atomically."
+        write_pretrained(self, save_directory, self._pretrained_record)
 
     @classmethod
     def from_pretrained(cls,
-                        name_or_path,              # a folder written by `save_pretrained` / `progressive-ct export`, or a Hub repo id
-                        revision: str | None = None):  # a branch, tag or commit of the repo
-        "A pretrained cascade, its weights checked against the checksum its configuration records (eval mode)."
-        return load_pretrained(name_or_path, revision)[0]
+                        name_or_path,                 # a folder written by `save_pretrained` / `progressive-ct export`, or a Hub repo id
+                        *,
+                        revision: str | None = None,  # a branch, tag or commit of the repo
+                        **hub_kwargs):                # huggingface_hub's: cache_dir, token, force_download, local_files_only
+        """A pretrained cascade in eval mode (huggingface_hub's `from_pretrained`: a folder, or a repo fetched into the
+        Hub's cache), its weights checked against the SHA-256 its configuration records and loaded strictly. Its
+        `config.json` is `model.pretrained_record`."""
+        p = Path(name_or_path)
+        if p.exists() and not p.is_dir(): raise InputError(f"{p}: expected a folder written by save_pretrained / progressive-ct export")
+        if not p.exists() and not is_repo_id(str(name_or_path)):
+            raise InputError(f"{name_or_path}: no such folder, and not a Hugging Face Hub repo id (owner/name)")
+        hub_log = logging.getLogger('huggingface_hub')          # its retry warnings: a failure is the one line below
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)
+        try: return super().from_pretrained(name_or_path, revision=revision, **hub_kwargs).eval()
+        except InputError: raise
+        except Exception as e:
+            if p.exists(): raise
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            raise InputError(f"{name_or_path}: no such folder here, and the Hugging Face Hub could not give that repo ({type(e).__name__}: {why})") from None
+        finally: hub_log.setLevel(level)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token, **model_kwargs):
+        "huggingface_hub's hook: the folder's files (a repo's, downloaded), read by `read_pretrained`; the rest of `config.json` is not an argument here."
+        def fetch(name):
+            if Path(model_id).is_dir(): return Path(model_id) / name
+            return Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                        local_files_only=local_files_only, token=token))
+        model, record = read_pretrained(fetch(CONFIG_FILE), lambda: fetch(WEIGHTS_FILE))
+        model.pretrained_record = {**record, 'pretrained': str(model_id)}
+        return model
 
     @property
     def stages(self) -> list:
@@ -458,10 +509,6 @@ class ProgressiveCascadeModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 # %% ../nbs/11_cascade.ipynb #d5edd2f0
-CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = 'config.json', 'model.safetensors', 'README.md'
-
-LIBRARY_NAME = 'progressive_ct'
-
 HU_RANGE = 'data range 1 on the [0, 1] scale = HU window -1000..1500 (2500 HU)'
 
 def sha256(path) -> str:
@@ -471,21 +518,23 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
 
-def save_pretrained(
+def pretrained_record(
     model: ProgressiveCascadeModel,  # the cascade (trained)
-    folder,                          # where to write config.json, model.safetensors and README.md
     stage: int = 3,                  # the last stage trained: what the model reconstructs up to
-    radiograph_reference: dict | None = None,  # the dataset's radiograph calibration (for your own radiograph files)
-    evaluation: list | None = None,  # rows of the run's evaluation (`run_evaluation`), shown in the card
-    trained_on: dict | None = None,  # what it was trained on (`run_evaluation`'s dataset summary)
-) -> Path:
-    "Write a trained cascade the way the Hugging Face Hub expects: configuration, safetensors weights, model card."
+    radiograph_reference: dict | None = None,  # the dataset's radiograph calibration
+    evaluation: list | None = None,  # rows of the run's evaluation, shown in the card
+    trained_on: dict | None = None,  # what it was trained on
+) -> dict:                           # config.json, less the weights' checksum
+    "What a pretrained folder's `config.json` holds beside the weights."
+    return {'library_name': LIBRARY_NAME, 'code_version': progressive_ct.__version__, 'model': model.config, 'stage': int(stage),
+            'radiograph_reference': radiograph_reference, 'trained_on': trained_on or {}, 'evaluation': evaluation or []}
+
+def write_pretrained(model: ProgressiveCascadeModel, folder, record: dict) -> Path:
+    "The folder's three files, each written atomically: the weights, `config.json` with their SHA-256, the card."
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_FILE, lambda t: save_file(state, str(t), metadata={'format': 'pt', 'library': LIBRARY_NAME}))
-    config = {'library_name': LIBRARY_NAME, 'code_version': progressive_ct.__version__, 'model': model.config, 'stage': int(stage),
-              'radiograph_reference': radiograph_reference, 'trained_on': trained_on or {}, 'evaluation': evaluation or [],
-              'weights': {'file': WEIGHTS_FILE, 'sha256': sha256(folder / WEIGHTS_FILE)}}
+    config = {**record, 'weights': {'file': WEIGHTS_FILE, 'sha256': sha256(folder / WEIGHTS_FILE)}}
     atomic_write(folder / CONFIG_FILE, lambda t: Path(t).write_text(json.dumps(config, indent=2)))
     atomic_write(folder / CARD_FILE, lambda t: Path(t).write_text(model_card(config)))
     return folder
@@ -501,35 +550,17 @@ def is_pretrained_folder(path) -> bool:
     try: return f.is_file() and json.loads(f.read_text()).get('library_name') == LIBRARY_NAME
     except (OSError, ValueError, AttributeError): return False
 
-def pretrained_folder(
-    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id (owner/name)
-    revision: str | None = None,# a branch, tag or commit of the repo
-) -> Path:
-    "The local folder of a pretrained cascade: the path itself, or the repo's files fetched from the Hub."
-    p = Path(name_or_path)
-    if p.exists():
-        if not p.is_dir(): raise InputError(f"{p}: expected a folder written by save_pretrained / progressive-ct export")
-        return p
-    if not is_repo_id(str(name_or_path)):
-        raise InputError(f"{name_or_path}: no such folder, and not a Hugging Face Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-    try: return Path(snapshot_download(repo_id=str(name_or_path), revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]))
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise InputError(f"{name_or_path}: no such folder here, and the Hugging Face Hub could not give that repo ({type(e).__name__}: {why})") from None
-
-def load_pretrained(
-    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id
-    revision: str | None = None,
-) -> tuple:                     # (the cascade in eval mode, its record: config.json with 'file' and 'stage')
+def read_pretrained(
+    cfg_file: Path,   # the folder's config.json
+    weights,          # a function giving model.safetensors's path (fetched only once the configuration is read)
+) -> tuple:           # (the cascade, its config.json with 'file' and 'stage')
     "Rebuild a pretrained cascade and load its weights, after checking them against the checksum config.json records."
-    folder = pretrained_folder(name_or_path, revision)
-    cfg_file, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not cfg_file.is_file(): raise InputError(f"{folder}: no {CONFIG_FILE}: not a folder written by save_pretrained / progressive-ct export")
+    if not cfg_file.is_file(): raise InputError(f"{cfg_file.parent}: no {CONFIG_FILE}: not a folder written by save_pretrained / progressive-ct export")
     try: config = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as e: raise InputError(f"{cfg_file}: cannot be read as JSON ({e})") from None
     if not isinstance(config, dict) or config.get('library_name') != LIBRARY_NAME or not isinstance(config.get('model'), dict):
         raise InputError(f"{cfg_file}: not the configuration of a {LIBRARY_NAME} cascade")
+    weights = weights()
     if not weights.is_file(): raise InputError(f"{weights}: missing: the weights of the cascade {cfg_file} describes")
     want = (config.get('weights') or {}).get('sha256')
     if want and sha256(weights) != want:
@@ -538,8 +569,16 @@ def load_pretrained(
     try: model = ProgressiveCascadeModel.from_config(config['model'])
     except (TypeError, KeyError, ValueError) as e: raise InputError(f"{cfg_file}: its 'model' entry does not describe a cascade ({e})") from None
     load_weights(model, weights)
-    stage = int(config.get('stage', 3))
-    return model.eval(), {**config, 'file': str(weights), 'stage': stage, 'pretrained': str(name_or_path)}
+    return model, {**config, 'file': str(weights), 'stage': int(config.get('stage', 3))}
+
+def load_pretrained(
+    name_or_path,               # a folder written by `save_pretrained`, or a Hub repo id
+    revision: str | None = None,# a branch, tag or commit of the repo
+    **hub_kwargs,               # huggingface_hub's: cache_dir, token, force_download, local_files_only
+) -> tuple:                     # (the cascade in eval mode, its record: config.json with 'file', 'stage' and 'pretrained')
+    "`ProgressiveCascadeModel.from_pretrained`, with the record inference needs (the last stage, the radiograph calibration)."
+    model = ProgressiveCascadeModel.from_pretrained(name_or_path, revision=revision, **hub_kwargs)
+    return model, model.pretrained_record
 
 # %% ../nbs/11_cascade.ipynb #6b16cc47
 def _card_rows(evaluation: list) -> str:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 
-from .cascade import CARD_FILE, CONFIG_FILE, LIBRARY_NAME, WEIGHTS_FILE, save_pretrained
+from .cascade import CARD_FILE, CONFIG_FILE, LIBRARY_NAME, WEIGHTS_FILE
 from .runs import Phase, load_checkpoint
 
 # %% auto #0
@@ -60,12 +60,9 @@ def export_run(
     "A run's final weights as a pretrained folder (config, safetensors, card); uploaded to the Hub when asked."
     model, record = load_checkpoint(run)
     rows, trained_on = run_evaluation(Path(record['file']).parent, summary)
-    save_pretrained(model, out, record['stage'], record.get('radiograph_reference'), rows, trained_on)
-    if push_to_hub:
-        from huggingface_hub import HfApi
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=push_to_hub, commit_message=f"{LIBRARY_NAME} export of {Path(record['file']).name}")
+    pushed = {'push_to_hub': True, 'repo_id': push_to_hub, 'commit_message': f"{LIBRARY_NAME} export of {Path(record['file']).name}"}
+    model.save_pretrained(out, stage=record['stage'], radiograph_reference=record.get('radiograph_reference'), evaluation=rows,
+                          trained_on=trained_on, **(pushed if push_to_hub else {}))     # huggingface_hub's push: the repo created if needed
     return Path(out)
 
 def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
