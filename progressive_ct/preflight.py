@@ -38,9 +38,9 @@ def _writable(folder) -> str | None:
     if not os.access(p, os.W_OK | os.X_OK): return f"{p} is not writable"
     return None
 
-def check_vgg(cfg: Config, stages) -> str:
+def check_vgg(cfg: Config, phases) -> str:
     "Load the VGG16 weights every requested phase with a VGG term needs, now (downloaded where the network allows)."
-    need = sorted({j for k in stages for j in Phase(k).stages if cfg.stage_loss(j).vgg_weight > 0})
+    need = sorted({j for k in phases for j in Phase(k).stages if cfg.stage_loss(j).vgg_weight > 0})
     if not need: return "VGG16: no requested stage has a VGG term"
     keys, where = ', '.join(f'loss.stage{j}.vgg_weight' for j in need), cfg.loss.vgg_weights or vgg16_cache_path()
     import warnings
@@ -54,7 +54,7 @@ def check_vgg(cfg: Config, stages) -> str:
                          "loss.allow_random_vgg true (random weights: the term is then not perceptual)") from None
     return f"VGG16 ({keys}): " + ("ImageNet weights from " + where if vgg.pretrained else "random weights (loss.allow_random_vgg; not perceptual)")
 
-def check_dataset(cfg: Config, stages) -> str:
+def check_dataset(cfg: Config, phases) -> str:
     "The dataset is there (or is phantoms that will be built), at the radiograph size, grid, field of view and geometry the config asks."
     path, d = resolve_path(cfg.data.dataset_path), cfg.data
     if not (path / META_FILE).is_file():
@@ -64,7 +64,7 @@ def check_dataset(cfg: Config, stages) -> str:
         if why := _writable(path): raise InputError(f"data.dataset_path {path}: no dataset there, and it cannot be built there ({why})")
         return f"dataset {path}: not built yet; {d.max_patients or DEFAULT_PHANTOMS} phantoms are built before the first step"
     meta = load_metadata(path)
-    top = max(Phase(k).grid(cfg) for k in stages)
+    top = max(Phase(k).grid(cfg) for k in phases)
     wrong = [(key, have, want) for key, have, want in [
         ('model.xray_img_size', meta['xray_size'], cfg.model.xray_img_size),
         ('data.fov_mm', meta['fov_mm'], d.fov_mm),
@@ -108,15 +108,15 @@ def check_resume(cfg: Config, out) -> str:
     where = f", {Phase(progress['stage']).title} after epoch {progress['epoch']}{at}" if progress.get('state') else ''
     return f"resume: {', '.join(Phase(k).title for k in progress.get('stages_done', [])) or 'no phase'} done{where}"
 
-def check_space(cfg: Config, stages) -> str:
+def check_space(cfg: Config, phases) -> str:
     """Free space where the run writes, for one save of the largest requested phase (`save_bytes`: its resumable state
     and its last and best weights); measured on a model built on the meta device (shapes only, no memory)."""
     out, d = resolve_path(cfg.checkpoints.save_dir), cfg.data
     geometry = dataset_geometry(d)
     with torch.device('meta'): model = ProgressiveCascadeModel(cfg.model_config(), geometry, d.fov_mm)
     need = 0
-    for k in stages:
-        model.set_stage(Phase(k).stage if len(Phase(k).stages) == 1 else 'all')
+    for k in phases:
+        model.set_stage(Phase(k).unfrozen)
         need = max(need, save_bytes(model, model.trainable_parameters()))
     free = free_bytes(out)
     kept = f"; {cfg.checkpoints.keep_states} states are kept" if cfg.checkpoints.keep_states > 1 else ''
@@ -127,21 +127,21 @@ def check_space(cfg: Config, stages) -> str:
 
 def preflight(
     cfg: Config,            # the run's configuration
-    stages,                 # the phases to train (1, 2, 3, 4)
+    phases,                 # the phases to train (1, 2, 3, 4)
     resume: bool = False,   # the run continues a saved state
-    dry_run: bool = False,  # nothing will be written: the output folder and earlier stages' weights are not needed
+    dry_run: bool = False,  # nothing will be written: the output folder and earlier phases' weights are not needed
 ) -> list:                  # one line per check passed
     "Everything the requested phases will need, checked before the first step; an `InputError` naming the first problem."
     out, lines = resolve_path(cfg.checkpoints.save_dir), []
     if not dry_run:
         if why := _writable(out): raise InputError(f"checkpoints.save_dir {out}: the run cannot write there ({why})")
-        lines += [f"output folder {out}: writable", check_space(cfg, stages)]
-    lines += [check_dataset(cfg, stages), check_vgg(cfg, stages)]
+        lines += [f"output folder {out}: writable", check_space(cfg, phases)]
+    lines += [check_dataset(cfg, phases), check_vgg(cfg, phases)]
     if resume and not dry_run: lines.append(check_resume(cfg, out))
     done = set((read_json(out / PROGRESS_FILE, {}) if resume else {}).get('stages_done', []))
-    for k in stages:
+    for k in phases:
         prev = Phase(k).previous.weights(out) if k > 1 else None
-        if k > 1 and not dry_run and k - 1 not in stages and k not in done and not prev.is_file():
+        if k > 1 and not dry_run and k - 1 not in phases and k not in done and not prev.is_file():
             raise InputError(f"{Phase(k).title}: needs {Phase(k - 1).name}'s weights {prev}, which are not there; train it first (--stages {k - 1},{k})")
     return lines
 
@@ -185,20 +185,20 @@ def measure_step(
 
 def dry_run(
     cfg: Config,              # the run's configuration
-    stages=None,              # phases to measure (default: the run's)
+    phases=None,              # phases to measure (default: the run's)
     cpu: bool = False,        # on the CPU even where a GPU is present
     steps: int = 2,           # steps per phase
     log=None,                 # printing function (default: accelerator.print)
 ) -> list:                    # one `measure_step` row per phase
     "`--dry-run`: the preflight, then one measured training step per phase at the configured shapes; writes nothing."
-    stages = default_phases(cfg) if stages is None else tuple(Phase(k) for k in stages)
+    phases = default_phases(cfg) if phases is None else tuple(Phase(k) for k in phases)
     accelerator = make_accelerator(cfg, cpu)
     say = log or accelerator.print
-    for line in preflight(cfg, stages, dry_run=True): say(f"preflight: {line}")
+    for line in preflight(cfg, phases, dry_run=True): say(f"preflight: {line}")
     path = resolve_path(cfg.data.dataset_path)
     meta = load_metadata(path) if (path / META_FILE).is_file() else config_meta(cfg)
     rows = []
-    for k in stages:
+    for k in phases:
         r = measure_step(cfg, k, meta, accelerator, steps)
         crop = f" (crops of {r['crop']}³)" if r['crop'] < r['grid'] else ''
         say(f"dry run, {Phase(k).title}: {r['grid']}³{crop} from {r['xray']}² radiographs, batch {r['batch_size']} on {r['device']} "

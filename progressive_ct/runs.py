@@ -62,6 +62,10 @@ class Phase(int):
         "The stages whose losses the phase optimises: its own, or all three (deep supervision, end to end)."
         return (int(self),) if self.stage == self else (1, 2, 3)
     @property
+    def unfrozen(self):
+        "What `ProgressiveCascadeModel.set_stage` takes for it: its stage, or 'all' (the end-to-end phase)."
+        return self.stage if self.stage == self else 'all'
+    @property
     def previous(self) -> 'Phase | None':
         "The phase whose best weights this one starts from."
         return Phase(int(self) - 1) if self > 1 else None

@@ -63,22 +63,23 @@ def stop_workers(*loaders):
 # %% ../nbs/16_train_step.ipynb #157bb94e
 def phase_model(
     model: ProgressiveCascadeModel,  # the cascade, earlier stages' weights loaded
-    k: int,                          # the phase: 1, 2, 3 or 4
+    phase: int,                      # the phase: 1, 2, 3 or 4
     cfg: Config,                     # the run's configuration
     meta: dict,                      # the data's geometry and field of view (for the DRR term)
     device,                          # where the losses go
 ) -> tuple:                          # (the phase's losses, its optimiser)
-    """Phase k's model as it trains: its stage unfrozen (every stage in the end-to-end phase), the GPU options applied,
-    its losses and its AdamW. `setup_stage` and the dry run's `measure_step` both use it, so they cannot drift apart."""
-    t = cfg.training
-    model.set_stage(Phase(k).stage if len(Phase(k).stages) == 1 else 'all')
+    """A phase's model as it trains: its stage unfrozen (every stage in the end-to-end phase), the GPU options applied,
+    its losses and its AdamW. `setup_phase` and the dry run's `measure_step` both use it, so they cannot drift apart."""
+    t, phase = cfg.training, Phase(phase)
+    model.set_stage(phase.unfrozen)
     if t.channels_last: to_channels_last(model)
     if t.compile:
-        for j in Phase(k).stages: model.stages[j - 1].compile()    # in place: the weights keep their names
-    losses = [build_stage_loss(j, cfg, meta).to(device) for j in Phase(k).stages]
-    return losses, make_optimizer(model.trainable_parameters(), Phase(k).schedule(cfg).learning_rate, t.weight_decay, device)
+        for j in phase.stages: model.stages[j - 1].compile()       # in place: the weights keep their names
+    losses = [build_stage_loss(j, cfg, meta).to(device) for j in phase.stages]
+    return losses, make_optimizer(model.trainable_parameters(), phase.schedule(cfg).learning_rate, t.weight_decay, device)
 
 def warmup_cosine(total_steps: int, warmup_fraction: float):
+    "The learning rate's factor at each step (for `LambdaLR`): a linear warm-up over `warmup_fraction` of the steps, then a cosine decay to 0."
     warm = max(1, int(round(total_steps * warmup_fraction))) if warmup_fraction > 0 else 0
     def f(step):
         if step < warm: return (step + 1) / warm
