@@ -16,6 +16,8 @@ from .geometry import Geometry, PRESETS, geometry_preset, hu_to_mu
 from .ops import atomic_write
 from .volumes import Volume, load_nifti
 from .drr import drr_display, render_drr
+from .config import XRAY_MODELS
+from .xray import SYSTEMS, clinical_image, material_line_integrals, stored_pixels, system_log_image
 
 # %% auto #0
 __all__ = ['COMMANDS', 'ARGUMENTS', 'drr_geometry', 'write_drrs', 'phantom_volume', 'build_parser', 'main']
@@ -43,21 +45,34 @@ def write_drrs(
     volume: Volume,     # the CT to render
     geometry: Geometry, # beam, detector and views
     out,                # output folder
+    xray_model: str = 'ideal',  # 'ideal' (line integrals) or a named X-ray system of the X-ray image model ('chest', 'bedside')
 ) -> dict:
-    "Render every view of `geometry` and write `<view>.npy`, `<view>.png` (8-bit grey, `drr_display`) and `geometry.json` into `out`."
+    """Render every view of `geometry` and write `<view>.npy`, `<view>.png` and `geometry.json` into `out`. Ideal: the
+    line integrals and an 8-bit display (`drr_display`). A named system: its detector's log image, and the picture its
+    console stores (its clinical chain, at its bit depth in a 16-bit PNG), as a clinical file would come."""
     from PIL import Image
+    if xray_model not in XRAY_MODELS: raise InputError(f"--xray-model {xray_model!r}: expected one of {', '.join(XRAY_MODELS)}")
     out = Path(out)
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise InputError(f"{out}: cannot create the output folder ({e.strerror})") from None
-    mu = hu_to_mu(torch.from_numpy(volume.hu))[None, None]
-    p = render_drr(mu, volume.spacing, geometry)[0].numpy().astype(np.float32)
-    for view, img in zip(geometry.views, p):
+    hu = torch.from_numpy(volume.hu)[None, None]
+    if xray_model == 'ideal':
+        p = render_drr(hu_to_mu(hu), volume.spacing, geometry)[0].numpy().astype(np.float32)
+        pictures = [np.round(np.clip(drr_display(img), 0, 1) * 255).astype(np.uint8) for img in p]
+        units = 'line integral of mu (dimensionless)'
+    else:
+        log = system_log_image(material_line_integrals(hu, volume.spacing, geometry), xray_model, geometry.pixel_spacing)
+        chain = SYSTEMS[xray_model][1]
+        p = log[0].numpy().astype(np.float32)
+        pictures = [stored_pixels(img, chain).astype(np.uint16) for img in clinical_image(log, chain, geometry.pixel_spacing)[0]]
+        units = f"log image -ln(I/I0) of the '{xray_model}' X-ray system (polychromatic, scatter, noise, blur); .png: its console's picture, {chain.bits} bits"
+    for view, img, pic in zip(geometry.views, p, pictures):
         atomic_write(out / f'{view.name}.npy', lambda t: np.save(t, img, allow_pickle=False))
-        grey = np.round(np.clip(drr_display(img), 0, 1) * 255).astype(np.uint8)
-        atomic_write(out / f'{view.name}.png', lambda t: Image.fromarray(grey).save(t, format='PNG'))
-    info = {'geometry': geometry.to_dict(), 'volume': {'shape': list(volume.shape), 'spacing_mm': list(volume.spacing),
-            'axes': 'D inferior, H posterior, W patient left (I, P, L)', 'source': volume.source},
-            'radiographs': {v.name: {'file': f'{v.name}.npy', 'shape': list(img.shape), 'units': 'line integral of mu (dimensionless)',
+        atomic_write(out / f'{view.name}.png', lambda t: Image.fromarray(pic).save(t, format='PNG'))
+    info = {'geometry': geometry.to_dict(), 'xray_model': xray_model,
+            'volume': {'shape': list(volume.shape), 'spacing_mm': list(volume.spacing),
+                       'axes': 'D inferior, H posterior, W patient left (I, P, L)', 'source': volume.source},
+            'radiographs': {v.name: {'file': f'{v.name}.npy', 'shape': list(img.shape), 'units': units,
                                      'min': float(img.min()), 'max': float(img.max())} for v, img in zip(geometry.views, p)}}
     atomic_write(out / 'geometry.json', lambda t: Path(t).write_text(json.dumps(info, indent=2)))
     return info
@@ -79,9 +94,10 @@ def phantom_volume(
 def _drr(args):
     vol = load_nifti(args.ct) if args.ct else phantom_volume(args.phantom, args.size)
     g = drr_geometry(vol, args.geometry, args.detector, args.spacing, [v for v in args.views.split(',') if v.strip()])
-    info = write_drrs(vol, g, args.out)
+    info = write_drrs(vol, g, args.out, args.xray_model)
     for name, r in info['radiographs'].items():
-        print(f"{Path(args.out) / r['file']}: {r['shape'][0]}x{r['shape'][1]}, line integrals {r['min']:.2f}..{r['max']:.2f}")
+        what = 'line integrals' if args.xray_model == 'ideal' else f"the {args.xray_model} system's log image"
+        print(f"{Path(args.out) / r['file']}: {r['shape'][0]}x{r['shape'][1]}, {what} {r['min']:.2f}..{r['max']:.2f}")
     print(f"geometry {args.geometry} ({g.kind} beam), pixel {g.pixel_spacing:.3f} mm; volume {tuple(vol.shape)} at {tuple(round(s, 3) for s in vol.spacing)} mm")
 
 def _quickstart(args):
@@ -108,6 +124,8 @@ def _drr_arguments(d):
     d.add_argument('--spacing', type=float, help='detector pixel size in mm (default: fit the whole volume)')
     d.add_argument('--views', default='ap,lateral', help="comma-separated views: ap, lateral or angles in degrees (default ap,lateral)")
     d.add_argument('--size', type=int, default=128, help='phantom voxels per side (with --phantom; default 128)')
+    d.add_argument('--xray-model', default='ideal', choices=XRAY_MODELS,
+                   help="ideal line integrals (default), or radiographs as a named X-ray system makes them: chest (a DR room, grid), bedside (portable AP)")
     d.set_defaults(func=_drr)
 
 def _quickstart_arguments(q):

@@ -19,10 +19,11 @@ from .errors import InputError
 from .geometry import Geometry, PRESETS, geometry_preset
 
 # %% auto #0
-__all__ = ['CASCADE_TIERS', 'HU_PLUS_1024_POLICIES', 'SOURCES', 'DEFAULT_PHANTOMS', 'STAGE_LOSS_WEIGHTS', 'QUICKSTART',
-           'encoder_widths', 'ModelConfig', 'check_stage', 'DataConfig', 'load_data_config', 'dataset_geometry',
-           'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig', 'CheckpointConfig', 'Config',
-           'config_from_dict', 'load_config', 'resolve_path', 'model_section', 'default_quickstart_config']
+__all__ = ['CASCADE_TIERS', 'HU_PLUS_1024_POLICIES', 'SOURCES', 'XRAY_MODELS', 'DEFAULT_PHANTOMS', 'STAGE_LOSS_WEIGHTS',
+           'QUICKSTART', 'encoder_widths', 'ModelConfig', 'check_stage', 'DataConfig', 'load_data_config',
+           'dataset_geometry', 'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig',
+           'CheckpointConfig', 'Config', 'config_from_dict', 'load_config', 'resolve_path', 'model_section',
+           'default_quickstart_config']
 
 # %% ../nbs/02_config.ipynb #7eff75a4
 def encoder_widths(
@@ -107,6 +108,8 @@ HU_PLUS_1024_POLICIES = ('refuse', 'convert', 'ignore')
 
 SOURCES = ('phantoms', 'nifti', 'dicom')
 
+XRAY_MODELS = ('ideal', 'chest', 'bedside')   # radiographs stored by `prepare`: line integrals, or a named X-ray system's (xray.SYSTEMS)
+
 DEFAULT_PHANTOMS = 100  # phantoms built when neither max_patients nor --num-patients says how many
 
 @dataclass
@@ -126,6 +129,7 @@ class DataConfig:
     geometry: str = 'x2ct'               # geometry preset, detector S, fitted to the cube
     hu_plus_1024: str = 'refuse'         # 'refuse', 'convert' or 'ignore'
     remove_table: bool = False           # air outside the body mask
+    xray_model: str = 'ideal'            # radiographs stored: 'ideal' line integrals, or a named X-ray system's log image ('chest', 'bedside')
     split_seed: int = 0                  # salt of the patient -> split hash
     phantom_seed: int = 0                # phantoms: the first seed
 
@@ -154,6 +158,7 @@ class DataConfig:
         need(isinstance(self.geometry, str) and self.geometry.strip().lower() in PRESETS, 'geometry', f"expected one of {', '.join(PRESETS)}")
         need(self.hu_plus_1024 in HU_PLUS_1024_POLICIES, 'hu_plus_1024', f"expected one of {', '.join(HU_PLUS_1024_POLICIES)}")
         need(isinstance(self.remove_table, bool), 'remove_table', 'expected true or false')
+        need(self.xray_model in XRAY_MODELS, 'xray_model', f"expected one of {', '.join(XRAY_MODELS)}")
         need(isint(self.split_seed), 'split_seed', 'expected a whole number')
         need(isint(self.phantom_seed) and self.phantom_seed >= 0, 'phantom_seed', 'expected a whole number >= 0')
 
@@ -222,6 +227,7 @@ class TrainingConfig:
     channels_last: bool = False              # channels-last 3D memory format for the convolutions (GPUs with tensor cores)
     compile: bool = False                    # torch.compile the stage being trained (first steps slower while it compiles)
     cudnn_benchmark: bool = True             # let cuDNN pick the fastest convolution algorithms for the fixed shapes (GPU)
+    randomize_xray: bool = True              # training inputs through random X-ray systems (the X-ray image model notebook); false: ideal DRRs only
     stage1: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(50, 8, 5e-4, 64))   # rates: benchmarks/lr_sweep.py
     stage2: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(30, 4, 1e-3, 128, 64))
     stage3: StageTrainingConfig = field(default_factory=lambda: StageTrainingConfig(20, 2, 5e-4, 256, 128))

@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError, OneLineParser, command_main
-from .config import DataConfig, DEFAULT_PHANTOMS, SOURCES, dataset_geometry, load_data_config
+from .config import DataConfig, DEFAULT_PHANTOMS, SOURCES, XRAY_MODELS, dataset_geometry, load_data_config
 from .geometry import Geometry, HU_WINDOW, MU_WATER, hu_to_unit, unit_to_mu
 from .ops import file_mode
 from .volumes import dicom_identifiers, ingest_ct, ipl_affine
 from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
+from .xray import material_line_integrals, system_log_image
 
 # %% auto #0
-__all__ = ['CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'CARDS', 'GRIDS_DIR', 'Source',
+__all__ = ['CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'ARRAYS', 'CARDS', 'GRIDS_DIR', 'Source',
            'find_sources', 'radiographs', 'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare',
            'load_metadata', 'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'grid_file', 'cache_grids',
            'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'add_prepare_arguments', 'main']
@@ -158,11 +159,20 @@ def build_patient(
     cfg: DataConfig,      # data settings
     geometry: Geometry,   # from `dataset_geometry(cfg)`
 ) -> dict:
-    "One row's content: `ct` int16 HU [N, N, N], `xray` float32 [V, S, S], the cube's affine and spacing."
+    """One row's content: `ct` int16 HU [N, N, N], `xray` float32 [V, S, S], `xray_materials` float32 [2, V, S, S] (the
+    water and bone mass thicknesses, g/cm², that the X-ray image model turns into radiographs of real machines), the
+    cube's affine and spacing."""
     vol = patient_volume(source, cfg)
     ct = np.clip(np.round(vol.hu), *CT_STORAGE_RANGE).astype(np.int16)
-    xray = radiographs(hu_to_unit(torch.from_numpy(ct.astype(np.float32)))[None, None], vol.spacing, geometry)[0]
+    hu = torch.from_numpy(ct.astype(np.float32))[None, None]
+    materials = material_line_integrals(hu, vol.spacing, geometry)
+    if cfg.xray_model == 'ideal': xray = radiographs(hu_to_unit(hu), vol.spacing, geometry)[0]
+    else:                                                           # a named system's log image (its noise seeded by the patient)
+        seed = int(hashlib.sha256(source.patient_id.encode()).hexdigest()[:8], 16)
+        xray = normalize_radiograph(system_log_image(materials, cfg.xray_model, geometry.pixel_spacing, seed))[0]
+    materials = materials[0]
     return {'patient_id': source.patient_id, 'source': source.name, 'ct': ct, 'xray': xray.float().numpy(),
+            'xray_materials': materials.float().numpy(),
             'spacing_mm': float(vol.spacing[0]), 'affine': [float(a) for a in np.asarray(vol.affine).ravel()]}
 
 # %% ../nbs/08_dataset.ipynb #b6d722cd
@@ -173,7 +183,7 @@ def _build_to_files(index: int, source: Source, cfg: DataConfig, geometry: Geome
     try:
         row = build_patient(source, cfg, geometry)
         base = Path(workdir) / f'{index:06d}'
-        for key in ('ct', 'xray'):
+        for key in ARRAYS:
             Path(f'{base}.{key}').write_bytes(row[key].tobytes())
             row[f'{key}_shape'], row[f'{key}_dtype'] = list(row[key].shape), str(row[key].dtype)
             row[key] = f'{base}.{key}'
@@ -208,7 +218,8 @@ def assign_splits(
 # %% ../nbs/08_dataset.ipynb #f260aa12
 META_FILE = 'progressive_ct.json'       # the dataset's metadata, written last: its presence marks a complete dataset
 REPORT_FILE = 'prepare_report.json'     # every patient built or skipped, with reasons and times
-FORMAT_VERSION = 1                      # of the dataset layout; part of the cache key
+FORMAT_VERSION = 2                      # of the dataset layout; part of the cache key (2: xray_materials)
+ARRAYS = ('ct', 'xray', 'xray_materials')   # the arrays of a row, each stored as bytes + dtype + shape
 CARDS = {'phantoms': 'synthetic-chest-phantoms.md', 'nifti': 'nifti-folder.md', 'dicom': 'nifti-folder.md', 'lidc': 'lidc-idri.md'}
 
 # %% ../nbs/08_dataset.ipynb #c4f84632
@@ -216,12 +227,12 @@ def _code_hash() -> str:
     "Hash of the modules that make a dataset's content: a code change rebuilds."
     import importlib
     h = hashlib.sha256()
-    for name in ('geometry', 'config', 'drr', 'volumes', 'dataset'):   # config: the data settings and dataset_geometry
+    for name in ('geometry', 'config', 'drr', 'xray', 'volumes', 'dataset'):   # config: the data settings and dataset_geometry
         m = importlib.import_module(f'progressive_ct.{name}')
         h.update(Path(m.__file__).read_bytes())
     return h.hexdigest()[:16]
 
-_CONTENT_KEYS = ('resolution', 'fov_mm', 'xray_size', 'geometry', 'hu_plus_1024', 'remove_table',
+_CONTENT_KEYS = ('resolution', 'fov_mm', 'xray_size', 'geometry', 'hu_plus_1024', 'remove_table', 'xray_model',
                  'train_split', 'val_split', 'test_split', 'split_seed')
 
 def cache_key(kind: str, sources: list, cfg: DataConfig, geometry: Geometry) -> str:
@@ -250,6 +261,7 @@ def _features():
     return Features({'patient_id': Value('string'), 'source': Value('string'),
                      'ct': Value('binary'), 'ct_shape': Sequence(Value('int32')), 'ct_dtype': Value('string'),
                      'xray': Value('binary'), 'xray_shape': Sequence(Value('int32')), 'xray_dtype': Value('string'),
+                     'xray_materials': Value('binary'), 'xray_materials_shape': Sequence(Value('int32')), 'xray_materials_dtype': Value('string'),
                      'spacing_mm': Value('float64'), 'affine': Sequence(Value('float64'))})
 
 def _write_splits(rows: dict, splits: dict, folder: Path):
@@ -263,7 +275,7 @@ def _write_splits(rows: dict, splits: dict, folder: Path):
         with ArrowWriter(features=_features(), path=str(path), writer_batch_size=4) as w:
             for pid in splits[split]:
                 r = dict(rows[pid])
-                r['ct'], r['xray'] = Path(r['ct']).read_bytes(), Path(r['xray']).read_bytes()
+                for key in ARRAYS: r[key] = Path(r[key]).read_bytes()
                 w.write(r)
             w.finalize()
         parts[split] = datasets.Dataset.from_file(str(path))
@@ -314,12 +326,14 @@ def prepare(
     strict: bool = False,                 # stop at the first bad input instead of skipping it
     force: bool = False,                  # rebuild even if the dataset is up to date
     num_workers: int | None = None,       # parallel processes; default: the config's num_workers
+    xray_model: str | None = None,        # radiographs stored: 'ideal' or a named X-ray system; default: the config's xray_model
     progress: bool = True,                # progress bar on stderr
     log=print,                            # where the one-line summaries go
 ) -> dict:
     "Build (or find up to date) a dataset of canonical CTs and radiographs, split by patient; returns a summary."
     t_start = time.perf_counter()
     cfg = load_data_config(config)
+    if xray_model is not None: cfg = DataConfig.from_dict(asdict(cfg) | {'xray_model': xray_model})
     source = source or cfg.source
     input_dir = input_dir if input_dir is not None else cfg.input_dir
     out = Path(out if out is not None else cfg.dataset_path)
@@ -412,7 +426,8 @@ def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, work
             'ct': {'stored': 'int16 HU', 'clipped_to_hu': list(CT_STORAGE_RANGE), 'axes': 'D inferior, H posterior, W patient left (I, P, L)',
                    'network_scale': 'hu_to_unit', 'hu_window': list(HU_WINDOW)},
             'radiographs': {'stored': 'float32 [views, S, S]', 'formula': 'normalize_radiograph(render_drr(unit_to_mu(hu_to_unit(ct)), spacing_mm, geometry))',
-                            'mu_water_per_mm': MU_WATER, 'wet_mm': RADIOGRAPH_WET_MM},
+                            'mu_water_per_mm': MU_WATER, 'wet_mm': RADIOGRAPH_WET_MM,
+                            'materials': 'xray_materials: float32 [2, views, S, S], material_line_integrals(ct, spacing_mm, geometry): water and cortical-bone mass thickness, g/cm²'},
             'splits': splits, 'skipped': skipped}
     if kind == 'dicom':             # who and which study each series was: what a reconstruction written as DICOM carries over
         meta['dicom_identifiers'] = {p: dicom_identifiers(built[p]['source']) for p in built}
@@ -453,14 +468,18 @@ def stored_ct_to_unit(
     return torch.from_numpy(x)
 
 class CTDataset(torch.utils.data.Dataset):
-    "One split of a dataset: items `{'xray': [V,1,S,S], 'ct': [1,n,n,n], 'patient_id'}` at the resolution asked for."
+    """One split of a dataset: items `{'xray': [V,1,S,S], 'ct': [1,n,n,n], 'patient_id'}` at the resolution asked for.
+    With `materials`, an item adds `mass` [2,V,S,S] (the stored water and bone mass thicknesses, g/cm², from which an X-ray
+    image model makes radiographs of real systems) and `key`, the index it was asked for (a keyed sampler's
+    `epoch × n + index`: the row is the key mod n)."""
     def __init__(self,
                  path,                        # dataset folder written by `prepare`
                  split: str = 'train',        # 'train', 'val' or 'test'
                  resolution: int | None = None, # CT size n (at most the stored N; area-averaged); default: the stored N
                  dtype=torch.float32,         # dtype of the returned tensors
+                 materials: bool = False,     # add each patient's mass thicknesses and the item's key
                 ):
-        self.path, self.split, self.dtype = Path(path), split, dtype
+        self.path, self.split, self.dtype, self.materials = Path(path), split, dtype, materials
         self.meta = load_metadata(path)
         if split not in self.meta['splits']: raise InputError(f"split {split!r}: expected one of {', '.join(self.meta['splits'])}")
         self.top = self.meta['resolution']
@@ -501,7 +520,8 @@ class CTDataset(torch.utils.data.Dataset):
     def __len__(self): return len(self.patient_ids)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows()[int(i)]                                   # a one-row pyarrow Table: no copy yet
+        key, i = int(i), int(i) % len(self)                         # a key beyond the split (a keyed sampler): this patient again
+        row = self.rows()[i]                                        # a one-row pyarrow Table: no copy yet
         grid = self.grid()
         if grid is not None: ct = torch.from_numpy(np.array(grid[int(i)]))   # the stage's grid, stored once: n³ read, no pooling
         else: ct = stored_ct_to_unit(_row_array(row, 'ct'))
@@ -509,14 +529,18 @@ class CTDataset(torch.utils.data.Dataset):
             # area (average) downsampling: block means where N/n is whole, overlapping-area means otherwise (e.g. 192 -> 128)
             ct = F.adaptive_avg_pool3d(ct[None, None], self.resolution)[0, 0]
         xray = torch.from_numpy(_row_array(row, 'xray').astype(np.float32))
-        return {'xray': xray[:, None].to(self.dtype), 'ct': ct[None].to(self.dtype), 'patient_id': row.column('patient_id')[0].as_py()}
+        item = {'xray': xray[:, None].to(self.dtype), 'ct': ct[None].to(self.dtype), 'patient_id': row.column('patient_id')[0].as_py()}
+        if self.materials: item |= {'mass': torch.from_numpy(_row_array(row, 'xray_materials').astype(np.float32)), 'key': key}
+        return item
 
 def collate(
     items: list,   # items of a `CTDataset`
 ) -> dict:
-    "A batch: `{'xray': [B, V, 1, S, S], 'ct': [B, 1, n, n, n], 'patient_id': [B]}`."
+    "A batch: `{'xray': [B, V, 1, S, S], 'ct': [B, 1, n, n, n], 'patient_id': [B]}` (and `mass` [B, 2, V, S, S], `key`: a list)."
     # torch's default_collate stacks straight into shared memory inside a loader worker: no extra copy of the volumes
-    return torch.utils.data.default_collate(items)
+    keys = [it['key'] for it in items] if 'key' in items[0] else None
+    batch = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != 'key'} for it in items])
+    return batch if keys is None else batch | {'key': keys}             # keys stay on the host (no device read to seed draws)
 
 def make_loader(
     path,                          # dataset folder written by `prepare`
@@ -605,7 +629,7 @@ def radiograph_reference(
 def prepare_command(args):
     "Run `prepare` from parsed command-line arguments."
     prepare(args.source, args.out, args.input_dir, args.num_patients, args.config, strict=args.strict, force=args.force,
-            num_workers=args.workers, progress=not args.quiet)
+            num_workers=args.workers, xray_model=args.xray_model, progress=not args.quiet)
 
 def add_prepare_parser(
     subparsers,   # the `add_subparsers()` object of a parser
@@ -627,6 +651,8 @@ def add_prepare_arguments(
     p.add_argument('--strict', action='store_true', help='stop at the first bad input instead of skipping it')
     p.add_argument('--force', action='store_true', help='rebuild even if the dataset is up to date')
     p.add_argument('--workers', type=int, help='parallel processes (default: data.num_workers)')
+    p.add_argument('--xray-model', choices=XRAY_MODELS, help="radiographs stored: ideal line integrals, or as a named X-ray system "
+                   "makes them (chest, bedside; the X-ray image model); default: data.xray_model, else ideal")
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     p.set_defaults(func=prepare_command)
     return p

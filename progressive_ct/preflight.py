@@ -22,7 +22,7 @@ from .dataset import META_FILE, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import VGG16_URL, load_vgg16_features, vgg16_cache_path
 from .runs import Phase, PROGRESS_FILE, build_model, config_meta, default_phases, make_accelerator, read_json
-from .train_step import finite_gradients, phase_model, skip_step_unless, step_crop, training_step
+from .train_step import finite_gradients, input_randomizer, phase_model, skip_step_unless, step_crop, training_step
 from .saving import free_bytes, save_bytes, size_text
 
 # %% auto #0
@@ -152,7 +152,8 @@ def measure_step(
     accelerator: Accelerator,   # device, mixed precision, processes
     steps: int = 2,             # training steps taken (the first includes warm-up: cuDNN's search, compilation)
 ) -> dict:                      # stage, grid, crop, batch_size, first_step_s, step_s, samples_per_s, peak_memory_mb, ...
-    "Time and peak memory of phase k's training step at the configured shapes, on random inputs (the step costs the same)."
+    """Time and peak memory of phase k's training step at the configured shapes, on random inputs (the step costs the same),
+    with the inputs through random X-ray systems where `training.randomize_xray` says so (as training does, on the device)."""
     s, n, dev = Phase(k).schedule(cfg), Phase(k).grid(cfg), accelerator.device
     set_seed(cfg.training.seed)
     model = build_model(cfg, meta)
@@ -161,12 +162,16 @@ def measure_step(
     B, S, V = s.batch_size, cfg.model.xray_img_size, len(model.geometry.views)
     g = torch.Generator().manual_seed(0)
     batch = {'xray': (torch.rand(B, V, 1, S, S, generator=g) * 0.5).to(dev), 'ct': torch.rand(B, 1, n, n, n, generator=g).to(dev)}
+    randomizer = input_randomizer(cfg, {**meta, 'views': [v.name for v in model.geometry.views],
+                                        'radiograph_reference': {'percentiles': [1.0, 99.0]} | {v.name: [0.02, 0.6] for v in model.geometry.views}})
+    if randomizer is not None:                                   # chest-like mass thicknesses: up to 30 g/cm² of water, 4 of bone
+        batch |= {'mass': (torch.rand(B, 2, V, S, S, generator=g) * torch.tensor([30.0, 4.0])[:, None, None, None]).to(dev), 'key': list(range(B))}
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(steps):
         sync(); t0 = time.perf_counter()
-        loss, _ = training_step(prepared, batch, losses, accelerator, step_crop(s, n, cfg.training.seed, 0, i))
+        loss, _ = training_step(prepared, batch, losses, accelerator, step_crop(s, n, cfg.training.seed, 0, i), randomizer)
         accelerator.backward(loss)
         skip_step_unless(opt, finite_gradients(model, accelerator, cfg.training.gradient_clip))
         opt.step(); opt.zero_grad(set_to_none=True)
@@ -174,7 +179,7 @@ def measure_step(
     step_s = statistics.median(times[1:]) if len(times) > 1 else times[0]
     cuda = dev.type == 'cuda'
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = {'stage': k, 'grid': n, 'crop': min(s.crop_size or n, n) if k > 1 else n, 'xray': S, 'batch_size': B,
+    row = {'stage': k, 'grid': n, 'crop': min(s.crop_size or n, n) if k > 1 else n, 'xray': S, 'batch_size': B, 'randomize_xray': randomizer is not None,
            'device': str(dev), 'mixed_precision': cfg.training.mixed_precision, 'checkpointing': cfg.model.use_gradient_checkpointing,
            'compile': cfg.training.compile, 'channels_last': cfg.training.channels_last,
            'first_step_s': round(times[0], 4), 'step_s': round(step_s, 4), 'samples_per_s': round(B / step_s, 3),

@@ -18,7 +18,7 @@ from .volumes import save_nifti
 from .dataset import CTDataset, load_metadata
 from .metrics import bootstrap_ci, mae_hu, oracles, psnr3d, ssim3d
 from .runs import build_model, final_weights, mean_volume
-from .train_step import stage_loader
+from .train_step import randomize_inputs, stage_loader
 from .train import train
 
 # %% auto #0
@@ -40,6 +40,7 @@ def evaluate_stages(
     path,                     # dataset folder
     split: str = 'test',      # split to score
     batch_size: int = 1,      # volumes per forward pass
+    inputs=None,              # (ideal, mass, key=) -> radiographs: score other inputs than the ideal DRRs (e.g. an X-ray system's)
 ) -> dict:                    # {row: {metric: mean, metric_ci: [lo, hi]}, 'n', 'dims', 'data_range'}
     """Every stage at the top grid (and at its own grid: `psnr_own`, `ssim_own`, `mae_hu_own`), beside the yardsticks: the training
     split's mean volume, the previous stage upsampled, the oracles. SSIM at a 16³ grid covers only the 6³ centre an 11-voxel window
@@ -48,13 +49,14 @@ def evaluate_stages(
     dims = model.voxel_dims
     top = dims[-1]
     mean = mean_volume(path, top)
-    loader = stage_loader(path, split, top, batch_size, seed=0, shuffle=False)
+    loader = stage_loader(path, split, top, batch_size, seed=0, shuffle=False, materials=inputs is not None)
     if len(loader.dataset) == 0: raise InputError(f"{path}: the {split} split is empty: nothing to evaluate")
     per = {r: {} for r in _rows(dims)}
     def add(row, values: dict):
         for name, v in values.items(): per[row].setdefault(name, []).extend(v.tolist())
     score = lambda v, gt: {'psnr': psnr3d(v, gt), 'ssim': ssim3d(v, gt), 'mae_hu': mae_hu(v, gt)}
     for batch in loader:
+        if inputs is not None: batch = randomize_inputs(inputs, batch)
         gt = batch['ct'].float()
         outs = [o.float().clamp(0, 1) for o in model(batch['xray'], upto=3)]
         add('mean_volume', score(mean.expand_as(gt), gt))

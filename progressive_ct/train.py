@@ -22,8 +22,8 @@ from .cascade import ProgressiveCascadeModel
 from .runs import (CONFIG_FILE, END_TO_END, MetricLog, METRICS_FILE, Phase, PROGRESS_FILE, Run,
     TrainState, build_model, default_phases, ensure_dataset, load_stage_weights, make_accelerator, mean_volume,
     model_record, read_json, write_json)
-from .train_step import (StepTally, finite_gradients, phase_model, skip_step_unless, stage_loader,
-    step_crop, stop_workers, training_step, validate, warmup_cosine)
+from .train_step import (StepTally, finite_gradients, input_randomizer, phase_model, skip_step_unless,
+    stage_loader, step_crop, stop_workers, training_step, validate, warmup_cosine)
 from .saving import Checkpointer, EXIT_STOPPED, StopSignals, TrainingStopped, phase_seed, save_bytes
 from .preflight import dry_run, flatten, preflight
 
@@ -131,6 +131,7 @@ class PhaseJob:
     train_dl: object
     val_dl: object
     losses: list             # its loss, or every stage's (the end-to-end phase)
+    randomizer: object = None  # the random X-ray systems of its inputs (`training.randomize_xray`)
 
     @property
     def title(self) -> str: return self.phase.title
@@ -151,13 +152,14 @@ def setup_phase(run: Run, phase: Phase, model: ProgressiveCascadeModel) -> Phase
         load_stage_weights(model, prev, range(1, phase))         # every stage before this one (all three before the end-to-end phase)
     losses, opt = phase_model(model, phase, cfg, run.meta, accelerator.device)
     pin = accelerator.device.type == 'cuda'
-    train_dl = stage_loader(run.data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers, pin_memory=pin)
+    randomizer = input_randomizer(cfg, run.meta)               # inputs through random X-ray systems (None: ideal DRRs)
+    train_dl = stage_loader(run.data, 'train', n, s.batch_size, t.seed, cfg.data.num_workers, pin_memory=pin, materials=randomizer is not None)
     val_dl = stage_loader(run.data, 'val', n, s.batch_size, t.seed, cfg.data.num_workers, shuffle=False, pin_memory=pin)
     if len(val_dl.dataset) == 0: val_dl = stage_loader(run.data, 'train', n, s.batch_size, t.seed, 0, shuffle=False)
     total = max(1, math.ceil(len(train_dl) / t.gradient_accumulation_steps) * s.num_epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, t.warmup_fraction))
     prepared, opt, train_dl, val_dl, sched = accelerator.prepare(model, opt, train_dl, val_dl, sched)
-    return PhaseJob(phase, n, s, prepared, opt, sched, train_dl, val_dl, losses)
+    return PhaseJob(phase, n, s, prepared, opt, sched, train_dl, val_dl, losses, randomizer)
 
 def describe_phase(job: PhaseJob, accelerator: Accelerator) -> str:
     "One line: what the phase trains, on what, for how long."
@@ -184,7 +186,7 @@ def train_one_epoch(run: Run, job: PhaseJob, state: TrainState, epoch: int, save
     try:
         for i, batch in enumerate(bar, start):
             with accelerator.accumulate(job.model):
-                loss, terms = training_step(job.model, batch, job.losses, accelerator, step_crop(job.schedule, n, t.seed, epoch, i))
+                loss, terms = training_step(job.model, batch, job.losses, accelerator, step_crop(job.schedule, n, t.seed, epoch, i), job.randomizer)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     ok = finite_gradients(net, accelerator, t.gradient_clip)    # the same on every process: gradients are all-reduced

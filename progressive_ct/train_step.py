@@ -13,44 +13,64 @@ from .config import Config
 from .geometry import Geometry
 from .ops import crop_slices, paste_crop, random_crop, resize_volume
 from .dataset import CTDataset, collate
+from .xray import RadiographRandomizer
 from .cascade import ProgressiveCascadeModel
 from .losses import STAGE_LOSSES
 from .metrics import psnr3d, ssim3d
 from .runs import Phase, TrainState
 
 # %% auto #0
-__all__ = ['EpochSampler', 'stage_loader', 'stop_workers', 'phase_model', 'warmup_cosine', 'step_crop', 'build_stage_loss',
-           'training_step', 'to_channels_last', 'make_optimizer', 'finite_gradients', 'skip_step_unless', 'StepTally',
-           'validate']
+__all__ = ['EpochSampler', 'stage_loader', 'input_randomizer', 'randomize_inputs', 'stop_workers', 'phase_model', 'warmup_cosine',
+           'step_crop', 'build_stage_loss', 'training_step', 'to_channels_last', 'make_optimizer', 'finite_gradients',
+           'skip_step_unless', 'StepTally', 'validate']
 
 # %% ../nbs/16_train_step.ipynb #22981bbb
 class EpochSampler(torch.utils.data.Sampler):
-    "A permutation that depends only on (seed, epoch): the same data order whether a run was resumed or not."
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    """A permutation that depends only on (seed, epoch): the same data order whether a run was resumed or not. `keyed`:
+    each index comes as `epoch × n + index`, a key that names the patient (key mod n) and the epoch, from which a
+    dataset with a randomizer seeds that item's draws: the same inputs after a resume, whatever process draws them."""
+    def __init__(self, n: int, seed: int, shuffle: bool = True, keyed: bool = False):
+        self.n, self.seed, self.shuffle, self.keyed, self.epoch = n, seed, shuffle, keyed, 0
     def set_epoch(self, epoch: int): self.epoch = epoch
     def __len__(self): return self.n
     def __iter__(self):
-        if not self.shuffle: return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = range(self.n) if not self.shuffle else torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+        return iter([self.epoch * self.n + i for i in order] if self.keyed else list(order))
 
 def _ignore_stop_signals(worker_id: int):
     """A loader worker leaves SIGTERM and SIGINT to the main process (schedulers signal every process of a job): the
     main process finishes its step, saves, then shuts the workers down (`stop_workers`)."""
     for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
 
-def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None, pin_memory=False):
+def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None, pin_memory=False, materials=False):
     """A DataLoader of one split at one resolution, ordered by an `EpochSampler`: workers kept between epochs, four
     batches ahead each, pinned host memory for asynchronous copies to a GPU. It draws its workers' seeds from its own
     generator, never from the global RNG: starting an epoch, or resuming inside one, leaves the training's random
     draws where they were."""
-    ds = CTDataset(path, split, resolution)
-    sampler = EpochSampler(len(ds), seed, shuffle=(split == 'train') if shuffle is None else shuffle)
+    ds = CTDataset(path, split, resolution, materials=materials)
+    sampler = EpochSampler(len(ds), seed, shuffle=(split == 'train') if shuffle is None else shuffle, keyed=materials)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
                                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
                                        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+
+def input_randomizer(
+    cfg: Config,      # the run's configuration (`training.randomize_xray`, `training.seed`)
+    meta: dict,       # the dataset's metadata with its `radiograph_reference`
+) -> RadiographRandomizer | None:
+    "The random X-ray systems that make the training inputs, or None with `training.randomize_xray` false."
+    if not cfg.training.randomize_xray: return None
+    ref = meta['radiograph_reference']
+    return RadiographRandomizer(Geometry.from_dict(meta['geometry']).pixel_spacing, [ref[v] for v in meta['views']],
+                                tuple(ref['percentiles']), seed=cfg.training.seed)
+
+def randomize_inputs(
+    randomizer,     # a `RadiographRandomizer` (or any callable (ideal [V,S,S], mass [2,V,S,S], key=) -> [V,S,S])
+    batch: dict,    # a batch with `mass` and `key` (`stage_loader(..., materials=True)`)
+) -> dict:          # the batch with `xray` replaced and the ideal radiographs kept as `drr`
+    "The batch's inputs through random X-ray systems, on its device, each drawn from its key."
+    xray = torch.stack([randomizer(x[:, 0], m, key=k) for x, m, k in zip(batch['xray'], batch['mass'], batch['key'])])
+    return batch | {'drr': batch['xray'], 'xray': xray[:, :, None].to(batch['xray'].dtype)}
 
 def stop_workers(*loaders):
     "Shut down the worker processes of (prepared) DataLoaders now, rather than whenever the loaders are collected."
@@ -102,9 +122,11 @@ def build_stage_loss(k, cfg, meta):
     if loss.vgg is not None and cfg.training.mixed_precision == 'bf16': loss.vgg.compute_dtype = torch.bfloat16   # measured safe: 12_losses
     return loss
 
-def training_step(model, batch, losses, accelerator, crop):
+def training_step(model, batch, losses, accelerator, crop, randomizer=None):
     """The loss of one batch: the last stage's (one loss), or every stage's summed (the end-to-end phase's deep supervision).
-    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage."""
+    The last stage may work on a sub-volume `crop`; its DRR term sees the crop pasted into the upsampled previous stage.
+    With a `randomizer` the inputs first go through random X-ray systems; the DRR term keeps the ideal radiographs."""
+    if randomizer is not None: batch = randomize_inputs(randomizer, batch)
     upto = 3 if len(losses) > 1 else losses[0].stage
     with accelerator.autocast():
         vols = model(batch['xray'], upto=upto, crop=crop)
@@ -116,7 +138,7 @@ def training_step(model, batch, losses, accelerator, crop):
         full = None
         if last and crop is not None and loss_fn.drr is not None:
             full = paste_crop(resize_volume(vols[-2].detach().float(), n), vol, crop)
-        loss, t = loss_fn(vol, target, batch['xray'], full=full)
+        loss, t = loss_fn(vol, target, batch.get('drr', batch['xray']), full=full)   # the DRR term: the ideal radiographs
         total = total + loss
         terms |= t if len(losses) == 1 else {f'stage{loss_fn.stage}_{k}': v for k, v in t.items()}
     return total, terms

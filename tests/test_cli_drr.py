@@ -119,3 +119,21 @@ def test_bad_input_is_one_clear_line(cli, tmp_path, phantom, args, word):
     assert len(err.splitlines()) == 1 and 'Traceback' not in err and word in err, err
     if args[1] != 'good.nii.gz': assert args[1] in err      # names the file
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['keep.txt']   # nothing lost, nothing half-written
+
+
+def test_xray_model_renders_a_clinical_picture(cli, tmp_path, phantom):
+    "`--xray-model chest`: the system's log image beside the ideal line integrals (lower: scatter), and a 16-bit picture."
+    from PIL import Image
+    save_as(phantom, tmp_path / 'ct.nii.gz', AXCODES)
+    for model in ('ideal', 'chest'):
+        r = cli('drr', '--ct', tmp_path / 'ct.nii.gz', '--out', tmp_path / model, '--detector', 64, '--xray-model', model)
+        assert r.returncode == 0, r.stderr
+    ideal, chest = np.load(tmp_path / 'ideal' / 'ap.npy'), np.load(tmp_path / 'chest' / 'ap.npy')
+    assert chest.shape == ideal.shape and np.corrcoef(chest.ravel(), ideal.ravel())[0, 1] > 0.95
+    assert chest.max() < 0.9 * ideal.max()                        # scatter lifts the thickest paths' signal
+    pic = np.asarray(Image.open(tmp_path / 'chest' / 'ap.png'))
+    assert pic.dtype == np.uint16 and pic.max() <= 4095 and len(np.unique(pic)) > 256   # 12 bits stored
+    info = json.loads((tmp_path / 'chest' / 'geometry.json').read_text())
+    assert info['xray_model'] == 'chest' and 'log image' in info['radiographs']['ap']['units']
+    r = cli('drr', '--ct', tmp_path / 'ct.nii.gz', '--out', tmp_path / 'x', '--xray-model', 'fluoroscope')
+    assert r.returncode == 2 and 'fluoroscope' in r.stderr and 'Traceback' not in r.stderr

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from progressive_ct.dataset import META_FILE, REPORT_FILE, CTDataset, load_metadata, make_loader, prepare
 from progressive_ct.errors import InputError
@@ -245,3 +246,35 @@ def test_an_existing_folder_that_is_not_a_dataset_is_never_replaced(tmp_path):
     with pytest.raises(InputError, match='not a progressive_ct dataset'):
         prepare('phantoms', tmp_path / 'mine', num_patients=2, config=TINY, **QUIET)
     assert (tmp_path / 'mine' / 'thesis.tex').read_text() == 'precious'
+
+
+def test_materials_stored_and_inputs_randomised_per_key(tmp_path):
+    "Every row keeps the water and bone mass thicknesses; the randomised inputs repeat for a key and differ for another."
+    from progressive_ct.dataset import collate
+    from progressive_ct.train_step import randomize_inputs
+    from progressive_ct.xray import RadiographRandomizer
+    prepare('phantoms', tmp_path / 'ds', num_patients=4, config={**TINY, 'num_workers': 0}, **QUIET)
+    meta = load_metadata(tmp_path / 'ds')
+    plain, ds = CTDataset(tmp_path / 'ds', 'train'), CTDataset(tmp_path / 'ds', 'train', materials=True)
+    assert 'mass' not in plain[0] and ds[0]['mass'].shape == (2, len(meta['views']), 32, 32) and ds[len(ds)]['key'] == len(ds)
+    r = RadiographRandomizer(1.0, [[0.05, 0.5]] * len(meta['views']), p_ideal=0.0, seed=3)
+    batch = collate([ds[0], ds[len(ds)], ds[0]])                 # key 0, key n (the same patient, another epoch), key 0 again
+    assert batch['key'] == [0, len(ds), 0]
+    out = randomize_inputs(r, batch)
+    assert torch.equal(out['drr'], batch['xray']) and out['xray'].shape == batch['xray'].shape
+    assert torch.equal(out['xray'][0], out['xray'][2]) and not torch.equal(out['xray'][0], out['xray'][1])
+
+
+def test_prepare_with_an_xray_system(tmp_path):
+    "`--xray-model chest` stores the chest system's radiographs (its own cache key); the CTs are the same."
+    r = run_prepare(tmp_path, '--source', 'phantoms', '--num-patients', 2, '--out', tmp_path / 'ideal',
+                    '--config', write_config(tmp_path / 'c.json'), '--quiet')
+    assert r.returncode == 0, r.stderr
+    r = run_prepare(tmp_path, '--source', 'phantoms', '--num-patients', 2, '--out', tmp_path / 'chest', '--xray-model', 'chest',
+                    '--config', write_config(tmp_path / 'c.json'), '--quiet')
+    assert r.returncode == 0, r.stderr
+    ideal, chest = ct_bytes(tmp_path / 'ideal'), ct_bytes(tmp_path / 'chest')
+    assert load_metadata(tmp_path / 'chest')['settings']['xray_model'] == 'chest'
+    assert load_metadata(tmp_path / 'chest')['cache_key'] != load_metadata(tmp_path / 'ideal')['cache_key']
+    for pid in ideal:
+        assert ideal[pid][:2] == chest[pid][:2] and ideal[pid][2] != chest[pid][2]
