@@ -4,8 +4,8 @@ loader worker would pay) and on the GPU (where the training step runs it), at th
     python benchmarks/randomizer.py [--device cpu|cuda] [--sizes 128,256,512] [--items 16]
 
 Each item is two views of chest-like mass thicknesses (up to 30 g/cm² of water and 4 of bone), drawn through a random
-system with the training's shares (p_ideal 0.3, p_clinical 0.4); the ideal share costs nothing, so the mean over
-items is the training's mean. On the GPU the items of a batch are run one after another as `randomize_inputs` does,
+system with shares p_ideal 0.3, p_clinical 0.4 (fixed here so that figures stay comparable; the ideal share costs
+nothing). On the GPU the items of a batch are run one after another as `randomize_inputs` does,
 timed with the device synchronised. It also checks that an item's draws repeat for its key on the device, and that a
 GPU item matches the CPU one of the same key (the same system and chain; the noise comes from another generator).
 Writes benchmarks/results/randomizer_<device>.json.
@@ -35,7 +35,7 @@ def main():
         g = torch.Generator().manual_seed(S)
         mass = torch.rand(args.items, 2, 2, S, S, generator=g) * torch.tensor([30.0, 4.0])[:, None, None, None]
         ideal = torch.rand(args.items, 2, S, S, generator=g) * 0.6
-        r = RadiographRandomizer(400.0 * 1.754 / S, [[0.02, 0.6]] * 2)
+        r = RadiographRandomizer(400.0 * 1.754 / S, [[0.02, 0.6]] * 2, p_ideal=0.3, p_clinical=0.4)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)                                          # as a loader worker runs
         t0 = time.perf_counter()
@@ -57,7 +57,8 @@ def main():
                     'repeats_for_its_key': bool(torch.equal(again, out[1])), 'min_corr_gpu_vs_cpu_same_key': round(corr, 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = {'device': torch.cuda.get_device_name() if dev.type == 'cuda' else platform.processor() or platform.machine(),
+    out = {'benchmark': f'benchmarks/randomizer.py --device {dev.type}: the randomised X-ray inputs per item, one CPU thread against the {dev.type}',
+           'device': torch.cuda.get_device_name() if dev.type == 'cuda' else platform.processor() or platform.machine(),
            'torch': torch.__version__, 'rows': rows}
     f = ROOT / 'benchmarks' / 'results' / f'randomizer_{dev.type}.json'
     f.write_text(json.dumps(out, indent=1))

@@ -153,6 +153,7 @@ def main():
     p.add_argument('--run', type=Path, help="score this trained run (e.g. a quickstart's checkpoints folder) on --dataset, no training")
     p.add_argument('--dataset', type=Path, help='the dataset of --run')
     p.add_argument('--out', type=Path, default=ROOT / 'benchmarks' / 'results' / 'robustness.json')
+    p.add_argument('--conditions', help='score only the conditions whose names contain one of these comma-separated words')
     args = p.parse_args()
     torch.set_num_threads(2)
     from progressive_ct.runs import load_checkpoint
@@ -167,7 +168,8 @@ def main():
         runs = {a: train(args.work, args.patients, a == 'randomized') for a in arms}
         dataset = args.work / 'dataset'
     meta = load_metadata(dataset)
-    results = {'data_range': 'PSNR: 3D, data range 1 on the [0, 1] scale = HU window -1000..1500; [95% bootstrap interval over test patients]',
+    results = {'benchmark': 'benchmarks/robustness.py: stage 3 on test phantoms whose radiographs come from X-ray systems, models trained on ideal DRRs and on random systems',
+               'data_range': 'PSNR: 3D, data range 1 on the [0, 1] scale = HU window -1000..1500; [95% bootstrap interval over test patients]',
                'systems': {k: {'imaging': i.to_dict(), 'chain': c.to_dict()} for k, (i, c) in SYSTEMS.items()},
                'machine': f"{platform.processor() or platform.machine()}, torch {torch.__version__}", 'arms': {}}
     t0 = time.time()
@@ -178,6 +180,7 @@ def main():
         if args.diffdrr_python:
             for mapping in ('kit', 'diffdrr'):
                 conds[f'(e) DiffDRR 0.6.1, {mapping} HU mapping'] = diffdrr_condition(dataset, 'test', args.diffdrr_python, args.work, mapping, ref)
+        if args.conditions: conds = {k: v for k, v in conds.items() if any(w in k for w in args.conditions.split(','))}
         rows = {}
         for name, make in conds.items():
             res = evaluate_stages(model, dataset, 'test', inputs=make)

@@ -162,7 +162,9 @@ def run_inference(
         if views != ['ap', 'lateral']: raise InputError(f"the checkpoint's views are {views}: --mode files reads exactly an AP and a lateral radiograph")
         ref = record.get('radiograph_reference') or {}
         S = model.encoder.xray_img_size
-        pairs = [read_radiograph(f, S, ref.get(v), ref.get('percentiles', (1.0, 99.0))) for f, v in ((xray_ap, 'ap'), (xray_lat, 'lateral'))]
+        given = ((xray_ap, 'ap'), (xray_lat, 'lateral'))
+        pairs = [read_radiograph(f, S, ref.get(v), ref.get('percentiles', (1.0, 99.0)), geometry=model.geometry) for f, v in given]
+        radiographs = {v: {'file': str(f), 'description': how} for (f, v), (_, how) in zip(given, pairs)}   # how each was read and placed
         for (f, (_, how)) in zip((xray_ap, xray_lat), pairs): log(f"{f}: {how}")
         log(f"warning: {FILES_WARNING}")
         items = [{'xray': torch.stack([p[0] for p in pairs])[:, None], 'ct': None, 'patient_id': Path(xray_ap).stem}]
@@ -194,7 +196,7 @@ def run_inference(
         raise
     summary = {'mode': mode, 'checkpoint': record['file'], 'stages': upto, 'dataset': str(data_path) if data_path else None,
                'split': split if mode != 'files' else None, 'device': str(device)} | summary
-    if mode == 'files': summary['warning'] = FILES_WARNING
+    if mode == 'files': summary |= {'warning': FILES_WARNING, 'radiographs': radiographs}
     summary['seconds'] = round(time.perf_counter() - t0, 2)
     atomic_write(staging / 'summary.json', lambda t: Path(t).write_text(json.dumps(summary, indent=2)))
     replaced = _move_run_into_place(staging, out)
@@ -283,7 +285,7 @@ def add_infer_arguments(
                    "a patient whose CT came from a DICOM series keeps its patient and study identifiers, marked as derived)")
     p.add_argument('--dataset', type=Path, help="dataset folder (default: the checkpoint's training dataset)")
     p.add_argument('--split', default='test', help='dataset split (default test)')
-    p.add_argument('--xray-ap', type=Path, help='AP radiograph file: PNG, TIFF, NumPy .npy (line integrals) or DICOM (files)')
+    p.add_argument('--xray-ap', type=Path, help='AP radiograph file: PNG, TIFF, JPEG, NumPy .npy (line integrals) or DICOM, of any shape (files)')
     p.add_argument('--xray-lat', type=Path, help='lateral radiograph file (files)')
     p.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: CUDA when available)')
     return p

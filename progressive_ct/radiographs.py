@@ -11,18 +11,24 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .ops import atomic_write, resample_radiographs
+from .geometry import Geometry
+from .ops import atomic_write
 from .drr import normalize_radiograph
 
 # %% auto #0
-__all__ = ['CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'DICOM_SUFFIXES', 'write_radiograph_png', 'read_radiograph']
+__all__ = ['CALIBRATION_KEY', 'IMAGE_SUFFIXES', 'DICOM_SUFFIXES', 'AIR', 'JPEG_GREY_TOLERANCE', 'write_radiograph_png',
+           'place_on_detector', 'describe_placement', 'read_radiograph']
 
 # %% ../nbs/06_radiographs.ipynb #b9035ade
 CALIBRATION_KEY = 'progressive_ct:radiograph'   # PNG text chunk: {"scale": "network", "offset": a, "gain": b}
 
-IMAGE_SUFFIXES = ('.png', '.tif', '.tiff')
+IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
 
 DICOM_SUFFIXES = ('.dcm', '.dicom', '')          # DICOM files often have no suffix
+
+AIR = 0.0                  # the network's radiograph scale where no patient is: no attenuation, 0 mm of water
+
+JPEG_GREY_TOLERANCE = 2.0  # grey levels by which a JPEG's colour channels may differ (lossy chroma) and still be one grey image
 
 def write_radiograph_png(
     x,        # one radiograph [h, w] on the network's scale (bone bright)
@@ -42,10 +48,12 @@ def write_radiograph_png(
 def _read_pillow(path: Path):
     from PIL import Image, UnidentifiedImageError
     try: img = Image.open(path)
-    except UnidentifiedImageError: raise InputError(f"{path}: not an image file Pillow can read (PNG or TIFF expected)") from None
+    except UnidentifiedImageError: raise InputError(f"{path}: not an image file Pillow can read (PNG, TIFF or JPEG expected)") from None
     except OSError as e: raise InputError(f"{path}: cannot be read ({e})") from None
     with img:
         if getattr(img, 'n_frames', 1) > 1: raise InputError(f"{path}: {img.n_frames} frames: expected one radiograph per file")
+        if img.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'): raise InputError(f"{path}: a colour image ({img.mode}): expected a grey-level radiograph")
+        lossy = img.format == 'JPEG'
         calibration = img.info.get(CALIBRATION_KEY)
         try:
             if img.mode == 'P': img = img.convert('RGBA')
@@ -55,10 +63,12 @@ def _read_pillow(path: Path):
     if a.ndim == 3:
         c = a.shape[2]
         if c in (2, 4): a = a[..., :c - 1]                    # drop the alpha channel
-        if a.shape[2] == 3 and not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2])):
-            raise InputError(f"{path}: a colour image (3 channels that differ): expected a grey-level radiograph")
         if a.shape[2] not in (1, 3): raise InputError(f"{path}: {c} channels: expected a grey-level radiograph")
-        a = a[..., 0]
+        if a.shape[2] == 3:                                   # a grey image saved as colour: equal channels (JPEG: nearly)
+            spread = float((a.max(axis=2) - a.min(axis=2)).max())
+            if spread > (JPEG_GREY_TOLERANCE if lossy else 0.0):
+                raise InputError(f"{path}: a colour image (3 channels that differ by up to {spread:g} grey levels): expected a grey-level radiograph")
+        a = a.mean(axis=2) if lossy else a[..., 0]
     if calibration is None: return a, None
     try: calibration = json.loads(calibration)
     except ValueError: calibration = None
@@ -67,19 +77,67 @@ def _read_pillow(path: Path):
     if not ok: raise InputError(f"{path}: its {CALIBRATION_KEY} text chunk is not a calibration this kit wrote")
     return a, calibration
 
+def _dicom_numbers(ds, keyword: str, path: Path):
+    "A DICOM attribute's values as floats; None where it is absent or empty; an error naming the file where they are not numbers."
+    try: v = ds[keyword].value if keyword in ds else None
+    except Exception as e: raise InputError(f"{path}: its {keyword} cannot be read ({type(e).__name__}: {e})") from None
+    if v is None or (isinstance(v, (str, bytes)) and not v.strip()): return None
+    values = [v] if isinstance(v, (str, bytes, int, float)) else list(v)
+    try: return [float(x) for x in values]
+    except (TypeError, ValueError): raise InputError(f"{path}: {keyword} {v!r}: not a number") from None
+
+def _dicom_spacing(ds, path: Path):
+    "What the header says of the pixel size: the attribute used, (rows, columns) mm, the plane it is measured in, the acquisition's magnification."
+    def spacing(keyword):
+        v = _dicom_numbers(ds, keyword, path)
+        if v is None: return None
+        if len(v) == 1: v = v * 2
+        if len(v) != 2 or not all(math.isfinite(s) and s > 0 for s in v):
+            shown = '\\'.join(f'{s:g}' for s in v)
+            raise InputError(f"{path}: {keyword} {shown}: a pixel size must be two positive numbers of mm (rows, columns)")
+        return tuple(v)
+    imager, pixel = spacing('ImagerPixelSpacing'), spacing('PixelSpacing')
+    m, source = _dicom_numbers(ds, 'EstimatedRadiographicMagnificationFactor', path), 'EstimatedRadiographicMagnificationFactor'
+    if m is not None:
+        m = m[0]
+        if not (math.isfinite(m) and m >= 1):
+            raise InputError(f"{path}: EstimatedRadiographicMagnificationFactor {m:g}: a projection's magnification is at least 1")
+    else:
+        sdd, sod = _dicom_numbers(ds, 'DistanceSourceToDetector', path), _dicom_numbers(ds, 'DistanceSourceToPatient', path)
+        if sdd is not None and sod is not None:
+            sdd, sod = sdd[0], sod[0]
+            if not (math.isfinite(sdd) and math.isfinite(sod) and sdd >= sod > 0):
+                raise InputError(f"{path}: DistanceSourceToDetector {sdd:g} mm and DistanceSourceToPatient {sod:g} mm: "
+                                 "the detector must lie at least as far from the source as the patient")
+            m, source = sdd / sod, 'DistanceSourceToDetector/DistanceSourceToPatient'
+    acquired = {'magnification': m, 'magnification_from': source if m is not None else None}
+    if imager is not None: return {'attribute': 'ImagerPixelSpacing', 'mm': imager, 'plane': 'detector'} | acquired
+    if pixel is not None:   # calibrated at the patient where the file says how; otherwise as CR files write it: at the plate
+        plane = 'patient' if 'PixelSpacingCalibrationType' in ds else 'detector'
+        return {'attribute': 'PixelSpacing', 'mm': pixel, 'plane': plane} | acquired
+    return None
+
 def _read_dicom(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
     try: ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError) as e: raise InputError(f"{path}: not a readable DICOM file ({type(e).__name__})") from None
     if 'PixelData' not in ds: raise InputError(f"{path}: a DICOM file without pixel data")
     if int(ds.get('NumberOfFrames', 1) or 1) > 1: raise InputError(f"{path}: a multi-frame DICOM ({ds.NumberOfFrames} frames): expected one radiograph")
     if int(ds.get('SamplesPerPixel', 1)) != 1: raise InputError(f"{path}: {ds.SamplesPerPixel} samples per pixel: expected a grey-level radiograph")
-    try: a = ds.pixel_array.astype(np.float64)
+    photometric = str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).strip().upper()
+    if photometric not in ('MONOCHROME1', 'MONOCHROME2'):
+        raise InputError(f"{path}: photometric interpretation {photometric}: expected a grey-level radiograph (MONOCHROME1 or MONOCHROME2)")
+    try: a = ds.pixel_array
     except Exception as e: raise InputError(f"{path}: its pixel data cannot be decoded ({type(e).__name__}: {e})") from None
-    a = a * float(ds.get('RescaleSlope', 1) or 1) + float(ds.get('RescaleIntercept', 0) or 0)
-    if str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper() == 'MONOCHROME1': a = a.max() - a   # bone bright
-    return a
+    try:
+        a = apply_modality_lut(a, ds)     # rescale slope and intercept, or the modality LUT
+        a = apply_voi_lut(a, ds)          # the VOI LUT, or window centre and width: the image as the file asks it shown
+    except Exception as e: raise InputError(f"{path}: its modality or VOI transform cannot be applied ({type(e).__name__}: {e})") from None
+    a = np.asarray(a, dtype=np.float64)
+    if photometric == 'MONOCHROME1' and a.size: a = a.max() - a          # low values shown white: invert, bone bright
+    return a, _dicom_spacing(ds, path)
 
 def _read_numpy(path: Path):
     try: a = np.load(path, allow_pickle=False)
@@ -90,38 +148,150 @@ def _read_numpy(path: Path):
     if not isinstance(a, np.ndarray) or a.dtype.kind not in 'fiu': raise InputError(f"{path}: expected a numeric array, got {getattr(a, 'dtype', type(a))}")
     return np.squeeze(a).astype(np.float64)
 
+# %% ../nbs/06_radiographs.ipynb #4dc3fabb
+def _pair(v, what: str) -> tuple:
+    "One number or (rows, columns) of mm as two positive floats."
+    try: a = tuple(float(x) for x in np.ravel(np.asarray(v, dtype=np.float64)))
+    except (TypeError, ValueError): a = ()
+    if len(a) == 1: a = a * 2
+    if len(a) != 2 or not all(math.isfinite(s) and s > 0 for s in a):
+        raise InputError(f"{what} {v!r}: expected a positive size in mm, one number or two (rows, columns)")
+    return a
+
+def _axis_weights(n: int, p: float, S: int, d: float) -> np.ndarray:
+    "[S, n]: each detector pixel as a weighted sum of the image's pixels along one axis, both centred; a row sums to the part of the detector pixel the image reaches."
+    src = (np.arange(n + 1) - n / 2) * p                  # the image's pixel edges, mm from the centre
+    det = (np.arange(S + 1) - S / 2) * d                  # the detector's
+    if p <= d:                                            # finer image: the mean over the detector pixel's area
+        return np.clip(np.minimum(det[1:, None], src[None, 1:]) - np.maximum(det[:-1, None], src[None, :-1]), 0, None) / d
+    reach = np.clip(np.minimum(det[1:], src[-1]) - np.maximum(det[:-1], src[0]), 0, None) / d
+    s = np.clip((det[:-1] + det[1:]) / 2 / p + n / 2 - 0.5, 0, n - 1)   # coarser image: linear between its pixel centres
+    i0 = np.floor(s).astype(int)
+    i1, t, w = np.minimum(i0 + 1, n - 1), s - i0, np.zeros((S, n))
+    np.add.at(w, (np.arange(S), i0), 1 - t)
+    np.add.at(w, (np.arange(S), i1), t)
+    return w * reach[:, None]
+
+def _landing(shape, p, S: int, d) -> dict:
+    "Where an image of `shape` pixels of `p` mm lands, centred, on S×S detector pixels of `d` mm (see `place_on_detector`)."
+    rec = {'image_px': [int(n) for n in shape], 'pixel_mm': list(p), 'image_mm': [n * q for n, q in zip(shape, p)],
+           'detector_px': [S, S], 'detector_mm': [S * q for q in d], 'crop_mm': [], 'pad_mm': []}
+    for axis, n, q, e in zip(('rows', 'cols'), shape, p, d):
+        E, D = n * q, S * e
+        rec[axis] = [max(0.0, S / 2 - E / (2 * e)), min(float(S), S / 2 + E / (2 * e))]
+        half = min(E, D) / (2 * q)                        # image pixels on each side of the centre that reach the detector
+        rec[f'source_{axis}'] = [max(0, math.floor(n / 2 - half + 1e-9)), min(n, math.ceil(n / 2 + half - 1e-9))]
+        rec['crop_mm'].append(max(0.0, E - D))
+        rec['pad_mm'].append(max(0.0, D - E))
+    return rec
+
+def place_on_detector(
+    image,                  # [h, w] radiograph (array or tensor)
+    pixel_mm,               # its pixel size in the detector's plane, mm: one number, or (rows, columns)
+    size: int,              # S: the detector's pixels per side
+    detector_pixel_mm,      # the detector's pixel size, mm: one number, or (rows, columns)
+    fill: float = AIR,      # the value where the image does not reach (on the network's scale: `AIR`)
+) -> tuple:                 # (detector image [S, S] float64, where it landed: dict)
+    """The image at its physical size, its centre on the detector's centre: resampled to the detector's pixels (area
+    means where it is finer, linear where coarser), cropped where it is larger, `fill` where it does not reach."""
+    a = np.asarray(image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image, dtype=np.float64)
+    if a.ndim != 2 or min(a.shape) < 1: raise InputError(f"image: expected a 2D array, got shape {a.shape}")
+    if int(size) != size or size < 1: raise InputError(f"size {size!r}: expected a positive number of detector pixels")
+    S, p, d = int(size), _pair(pixel_mm, 'pixel_mm'), _pair(detector_pixel_mm, 'detector_pixel_mm')
+    wr, wc = _axis_weights(a.shape[0], p[0], S, d[0]), _axis_weights(a.shape[1], p[1], S, d[1])
+    out = wr @ a @ wc.T
+    if fill != 0: out = out + fill * (1 - np.outer(wr.sum(1), wc.sum(1)))   # a pixel the image half reaches is half fill
+    return out, _landing(a.shape, p, S, d)
+
+def _size_text(v, unit: str = 'mm') -> str:
+    return f"{v[0]:.4g} {unit}" if abs(v[0] - v[1]) <= 1e-9 * max(v) else f"{v[0]:.4g}×{v[1]:.4g} {unit}"
+
+def describe_placement(
+    rec: dict,           # what `place_on_detector` returned beside the image
+    unit: str = 'mm',    # the unit of its lengths ('px' where they are in detector pixels)
+) -> str:
+    "Where the image landed, in words: its size, the detector's pixels, and what was cropped or padded."
+    (h, w), (H, W), (dh, dw) = rec['image_px'], rec['image_mm'], rec['detector_mm']
+    S = rec['detector_px'][0]
+    if unit == 'px': text = f"{h}×{w} px resampled to {H:.4g}×{W:.4g} of the detector's {S}×{S} pixels (rows×columns)"
+    else: text = (f"{h}×{w} px of {_size_text(rec['pixel_mm'], unit)} = {H:.4g}×{W:.4g} {unit} (rows×columns), "
+                  f"resampled to the detector's {_size_text([dh / S, dw / S], unit)} pixels")
+    cuts = [f"{name} {how} {E:.4g}→{D:.4g} {unit}" + (' with air' if how == 'padded' else '')
+            for name, E, D, c, pad in (('rows', H, dh, rec['crop_mm'][0], rec['pad_mm'][0]), ('columns', W, dw, rec['crop_mm'][1], rec['pad_mm'][1]))
+            for how in (('cropped',) if c > 1e-6 * D else ()) + (('padded',) if pad > 1e-6 * D else ())]
+    return text + ('; ' + ', '.join(cuts) if cuts else '; it fills the detector')
+
+# %% ../nbs/06_radiographs.ipynb #2b7f8b3b
+def _on_model_detector(spacing: dict, geometry: Geometry) -> tuple:
+    "The pixel size the header records, carried to the model's detector: ((rows, columns) mm, how, in words)."
+    M, mm, name = geometry.magnification, np.asarray(spacing['mm']), spacing['attribute']
+    model = f"the model's magnification {M:.4g} ({'its sdd/sid' if geometry.kind == 'cone' else 'parallel beam'})"
+    if spacing['plane'] == 'patient':
+        return tuple(mm * M), f"{name} {_size_text(mm)} calibrated at the patient, × {model}"
+    if spacing['magnification'] is not None:
+        m = spacing['magnification']
+        return tuple(mm * M / m), (f"{name} {_size_text(mm)} at the detector, ÷ the acquisition's magnification {m:.4g} "
+                                   f"({spacing['magnification_from']}), × {model}")
+    return tuple(mm), f"{name} {_size_text(mm)} at the detector (no magnification recorded: the model's assumed)"
+
 def read_radiograph(
-    path,                       # PNG, TIFF, NumPy .npy or DICOM file of one radiograph
+    path,                       # PNG, TIFF, JPEG, NumPy .npy or DICOM file of one radiograph
     size: int,                  # S: the detector's pixels per side (the model's xray_img_size)
     reference=None,             # [low, high]: the training radiographs' mean values at `percentiles` for this view
     percentiles=(1.0, 99.0),    # the percentiles `reference` holds (the checkpoint records them)
-) -> tuple:                     # (radiograph [S, S] float32 on the network's scale, how it was calibrated)
-    "Read one radiograph file and bring it to the network's scale (see the steps above)."
+    *,
+    geometry: Geometry | None = None,  # the model's geometry (`model.geometry`): places the image by its pixel size; None: it spans the detector
+    pixel_mm=None,              # the image's pixel size in the detector's plane, mm (one number, or rows, columns): overrides the file's
+) -> tuple:                     # (radiograph [S, S] float32 on the network's scale, how it was calibrated and placed)
+    "Read one radiograph file and bring it onto the model's detector, on the network's scale (see the steps above)."
     path = Path(path)
     if not path.is_file(): raise InputError(f"{path}: no such radiograph file")
+    if geometry is not None and not isinstance(geometry, Geometry): raise InputError(f"geometry: expected a Geometry, got {type(geometry).__name__}")
     suffix = path.suffix.lower()
-    calibration = None
-    if suffix == '.npy': a = _read_numpy(path)
-    elif suffix in IMAGE_SUFFIXES: a, calibration = _read_pillow(path)
-    elif suffix in DICOM_SUFFIXES: a = _read_dicom(path)
-    else: raise InputError(f"{path}: unsupported format {suffix!r}: expected PNG, TIFF, NumPy .npy or DICOM (.dcm, or no suffix)")
+    calibration = spacing = None
+    if suffix == '.npy': a, kind = _read_numpy(path), 'a NumPy array'
+    elif suffix in IMAGE_SUFFIXES: (a, calibration), kind = _read_pillow(path), f"a {'JPEG' if suffix in ('.jpg', '.jpeg') else suffix[1:4].upper()} file"
+    elif suffix in DICOM_SUFFIXES: (a, spacing), kind = _read_dicom(path), 'the DICOM header'
+    else: raise InputError(f"{path}: unsupported format {suffix!r}: expected PNG, TIFF, JPEG, NumPy .npy or DICOM (.dcm, or no suffix)")
     if a.ndim != 2: raise InputError(f"{path}: shape {a.shape}: expected one 2D grey-level radiograph")
     h, w = a.shape
     if min(h, w) < 16: raise InputError(f"{path}: {h}×{w} pixels: too small for a radiograph")
-    if h != w: raise InputError(f"{path}: {h}×{w} pixels: the detector is square ({size}×{size}); crop the radiograph to a square first")
     if not np.isfinite(a).all(): raise InputError(f"{path}: NaN or infinite pixels")
-    if suffix == '.npy':
-        x, how = normalize_radiograph(a), 'line integrals (NumPy), normalised'
-    elif calibration is not None:
-        x, how = calibration['offset'] + calibration['gain'] * a, "the kit's own PNG calibration (exact up to 16-bit steps)"
+    # where it lands: the detector's pixels in mm (in detector pixels without a geometry), the image's, and why
+    S = int(size)
+    det, unit = ((geometry.detector[0] * geometry.pixel_spacing / S, geometry.detector[1] * geometry.pixel_spacing / S), 'mm') \
+        if geometry is not None else ((1.0, 1.0), 'px')
+    if pixel_mm is not None:
+        if geometry is None: raise InputError(f"{path}: a pixel size ({pixel_mm} mm) places the image only on a detector of known size: give the model's geometry")
+        pixel = _pair(pixel_mm, f"{path}: pixel size")
+        said = f"pixel size given, {_size_text(pixel)}"
+    elif spacing is not None and geometry is not None: pixel, said = _on_model_detector(spacing, geometry)
+    elif suffix == '.npy':
+        if (h, w) != (S, S):
+            raise InputError(f"{path}: line integrals on {h}×{w} pixels, but the checkpoint's detector has {S}×{S}: render them with the "
+                             "checkpoint's geometry (model.geometry), as the bring-your-own-CT tutorial does, or give their pixel size")
+        pixel, said = det, None
+    else:                              # no pixel size: the whole image on the detector, its longer side spanning it
+        k = min(S * det[0] / h, S * det[1] / w)
+        pixel = (k, k)
+        why = 'no pixel size in ' + kind if geometry is not None else 'no detector geometry given'
+        said = None if (h, w) == (S, S) else f"{why}: square pixels assumed, the longer side spanning the detector"
+    rec = _landing((h, w), pixel, S, det)
+    for E, D in zip(rec['image_mm'], rec['detector_mm']):
+        if not 1 / 8 <= E / D <= 8:
+            raise InputError(f"{path}: {h}×{w} px of {_size_text(pixel, unit)} = {rec['image_mm'][0]:.4g}×{rec['image_mm'][1]:.4g} {unit} "
+                             f"(rows×columns) on a detector of {D:.4g} {unit}: not to scale with it (check its pixel size)")
+    # the network's scale
+    if suffix == '.npy': x, how = normalize_radiograph(a), 'line integrals (NumPy), normalised'
+    elif calibration is not None: x, how = calibration['offset'] + calibration['gain'] * a, "the kit's own PNG calibration (exact up to 16-bit steps)"
     else:
         if reference is None: raise InputError(f"{path}: an image of unknown scale, and the checkpoint holds no radiograph reference to calibrate it")
-        lo, hi = np.percentile(a, percentiles)
-        if hi <= lo: raise InputError(f"{path}: a uniform image (its {percentiles[0]:g}th and {percentiles[1]:g}th percentiles are equal): not a radiograph")
-        x, how = reference[0] + (a - lo) * (reference[1] - reference[0]) / (hi - lo), 'percentiles matched to the training radiographs'
-    if suffix == '.npy' and (h, w) != (size, size):
-        raise InputError(f"{path}: line integrals on {h}×{w} pixels, but the checkpoint's detector has {size}×{size}: "
-                         "render them with the checkpoint's geometry (model.geometry), as the bring-your-own-CT tutorial does")
-    t = torch.from_numpy(np.asarray(x, dtype=np.float32))[None, None]
-    if (h, w) != (size, size): t, how = resample_radiographs(t, (size, size)), how + f'; resampled from {h}×{w}'
-    return t[0, 0], how
+        (r0, r1), (c0, c1) = rec['source_rows'], rec['source_cols']
+        lo, hi = np.percentile(a[r0:r1, c0:c1], percentiles)        # on what lands on the detector only
+        if hi <= lo:
+            raise InputError(f"{path}: a uniform image ({h}×{w} pixels; its percentiles {percentiles[0]:g} and {percentiles[1]:g} are equal where it lands): not a radiograph")
+        x = reference[0] + (a - lo) * (reference[1] - reference[0]) / (hi - lo)
+        how = 'percentiles matched to the training radiographs' + ('' if (r1 - r0, c1 - c0) == (h, w) else f" (on the {r1 - r0}×{c1 - c0} px that land on the detector)")
+    out, rec = place_on_detector(x, pixel, S, det, AIR)
+    if said is not None: how += f"; {said}: {describe_placement(rec, unit)}"
+    return torch.from_numpy(out.astype(np.float32)), how
