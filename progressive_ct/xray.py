@@ -56,8 +56,6 @@ class Spectrum:
     energy_kev: np.ndarray   # bin centres, keV
     photons: np.ndarray      # relative photon fluence per bin
 
-    @property
-    def mean_energy(self) -> float: return float((self.photons * self.energy_kev).sum() / self.photons.sum())
 
 def tube_spectrum(
     kvp: float = 120.0,     # tube voltage, kV (40..150)
@@ -108,9 +106,7 @@ def material_densities(
     hu: torch.Tensor,   # CT in Hounsfield units
 ) -> torch.Tensor:      # [..., 2, ...]: stacked along a new axis 1: water-basis and bone-basis partial densities, g/cm³
     "Two-material decomposition of a CT: each voxel as water-like tissue plus a fraction of cortical bone (ICRU-44)."
-    t = xray_tables()
-    mw = float(np.interp(E_CT_KEV, t['energy_kev'], t['mu_water'])) * DENSITY['water']
-    mb = float(np.interp(E_CT_KEV, t['energy_kev'], t['mu_bone'])) * DENSITY['bone']
+    mw, mb = (float(mass_attenuation(m, [E_CT_KEV])[0]) * DENSITY[m] for m in ('water', 'bone'))   # μ at E_CT, 1/cm
     mu = mw * (1.0 + hu.float() / 1000.0).clamp(min=0.0)                 # μ(E_CT) / 10: cm⁻¹, from the HU definition
     soft = mw * (1.0 + SOFT_HU / 1000.0)
     f = ((mu - soft) / (mb - soft)).clamp(0.0, 1.0)                      # cortical bone's volume fraction
@@ -180,6 +176,10 @@ def _gauss_fft(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
     fx = torch.fft.rfftfreq(pw, device=x.device, dtype=torch.float64)
     g = torch.exp(-2 * math.pi ** 2 * sigma_px ** 2 * (fy[:, None] ** 2 + fx[None] ** 2)).to(x.dtype)
     return torch.fft.irfft2(torch.fft.rfft2(x, s=(ph, pw)) * g, s=(ph, pw))[..., :h, :w]
+
+def _smooth(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    "Gaussian blur of the last two axes that keeps a uniform image uniform up to the detector's edges (the weights renormalised)."
+    return _gauss_fft(x, sigma_px) / _gauss_fft(x.new_ones(x.shape[-2:]), sigma_px)
 
 def water_equivalent_cm(
     mass: torch.Tensor,     # [B, 2, ...] basis mass thicknesses, g/cm²
@@ -255,7 +255,7 @@ def xray_log_image(
         e0 = float(w.sum() / spec.photons.sum())                                               # detected keV per incident photon
         var = (tp * a2 + ts * scatter * a2 / primary.clamp(min=1e-12)) / (n * e0)            # relative to the flat field
         signal = signal + var.clamp(min=0).sqrt() * torch.randn(signal.shape, generator=generator, dtype=signal.dtype, device=signal.device)
-    if imaging.blur_mm > 0: signal = _gauss_fft(signal, imaging.blur_mm / pixel_mm) / _gauss_fft(torch.ones_like(signal), imaging.blur_mm / pixel_mm)
+    if imaging.blur_mm > 0: signal = _smooth(signal, imaging.blur_mm / pixel_mm)
     if imaging.electronic_noise > 0:
         signal = signal + imaging.electronic_noise * tp * torch.randn(signal.shape, generator=generator, dtype=signal.dtype, device=signal.device)
     return -torch.log((signal / tp).clamp(min=1e-6))
@@ -303,9 +303,9 @@ def clinical_image(
     hi = torch.quantile(vals, chain.window[1] / 100, dim=-1)[..., None, None]
     x = (x - lo) / (hi - lo).clamp(min=1e-6)
     if chain.range_gain > 0:
-        x = x - chain.range_gain * (_gauss_fft(x, chain.range_sigma_mm / pixel_mm) / _gauss_fft(torch.ones_like(x), chain.range_sigma_mm / pixel_mm) - 0.5)
+        x = x - chain.range_gain * (_smooth(x, chain.range_sigma_mm / pixel_mm) - 0.5)
     if chain.edge_gain > 0:
-        x = x + chain.edge_gain * (x - _gauss_fft(x, chain.edge_sigma_mm / pixel_mm) / _gauss_fft(torch.ones_like(x), chain.edge_sigma_mm / pixel_mm))
+        x = x + chain.edge_gain * (x - _smooth(x, chain.edge_sigma_mm / pixel_mm))
     x = _tone(x.clamp(0, 1), chain.tone, chain.tone_centre)
     x = torch.where(inside, x, torch.ones_like(x))                               # unexposed: as bright as bone
     q = 2 ** int(chain.bits) - 1
