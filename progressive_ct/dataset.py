@@ -23,15 +23,17 @@ from .errors import InputError, OneLineParser, command_main
 from .config import DataConfig, DEFAULT_PHANTOMS, SOURCES, XRAY_MODELS, dataset_geometry, load_data_config
 from .geometry import Geometry, HU_WINDOW, MU_WATER, hu_to_unit, unit_to_mu
 from .ops import file_mode
-from .volumes import dicom_identifiers, ingest_ct, ipl_affine
+from .volumes import (LABEL_SUFFIX, STRUCTURES, Volume, canonical_ct, canonical_structures, check_ct, check_hu_units, dicom_identifiers,
+                                    ipl_affine, load_ct, load_structures)
 from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
 from .xray import material_line_integrals, system_log_image
 
 # %% auto #0
 __all__ = ['CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'ARRAYS', 'CARDS', 'GRIDS_DIR', 'Source',
            'find_sources', 'radiographs', 'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare',
-           'load_metadata', 'stored_ct_to_unit', 'CTDataset', 'collate', 'make_loader', 'grid_file', 'cache_grids',
-           'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'add_prepare_arguments', 'main']
+           'load_metadata', 'stored_ct_to_unit', 'CTDataset', 'structure_grid', 'collate', 'make_loader', 'grid_file',
+           'cache_grids', 'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'add_prepare_arguments',
+           'main']
 
 # %% ../nbs/08_dataset.ipynb #39bd6c5b
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Source:
     path: str = ''      # the NIfTI file or DICOM series folder ('' for phantoms)
     seed: int = 0       # phantom seed (phantoms only)
     note: str = ''      # what discovery noticed (other series passed over)
+    labels: str = ''    # its label map (NIfTI), if one came with the CT
+    names: str = ''     # the label map's class names (CSV)
 
     @property
     def name(self) -> str: return self.path or f'phantom seed {self.seed}'
@@ -50,7 +54,7 @@ class Source:
         "What the cache key sees of this source: every file's name, size and modification time (phantoms: seed and generator)."
         if self.kind == 'phantoms': return [self.patient_id, self.seed, _phantom_code_hash()]
         p = Path(self.path)
-        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] + [Path(f) for f in (self.labels, self.names) if f]
         out = [self.patient_id]
         for f in files:
             try: st = f.stat(); out.append([str(f), st.st_size, st.st_mtime_ns])
@@ -62,6 +66,21 @@ def _phantom_code_hash() -> str:
     "Hash of the phantom generator's source file: a change to the generator rebuilds phantom datasets."
     import progressive_ct.phantoms as ph
     return hashlib.sha256(Path(ph.__file__).read_bytes()).hexdigest()[:16]
+
+def _nifti_stem(name: str) -> str:
+    for suffix in ('.nii.gz', '.nii'):
+        if name.lower().endswith(suffix): return name[: -len(suffix)]
+    return name
+
+def _label_map_of(f: Path) -> tuple:
+    "The label map and class-name files that came with a NIfTI CT ('' where none)."
+    stem = _nifti_stem(f.name)
+    for ext in ('.nii.gz', '.nii'):
+        m = f.with_name(stem + LABEL_SUFFIX + ext)
+        if m.is_file():
+            names = next((c for c in (f.with_name(stem + LABEL_SUFFIX + '.csv'), f.parent / 'structures.csv') if c.is_file()), None)
+            return str(m), str(names or f.with_name(stem + LABEL_SUFFIX + '.csv'))   # a missing CSV is reported when the patient is built
+    return '', ''
 
 def _nifti_id(rel: Path) -> str:
     name = str(rel).replace(os.sep, '_')
@@ -106,13 +125,14 @@ def find_sources(
     root = Path(input_dir)
     if not root.is_dir(): raise InputError(f"{root}: no such folder (--input-dir)")
     if kind == 'nifti':
-        files = sorted(f for f in root.rglob('*') if f.is_file() and f.name.lower().endswith(('.nii', '.nii.gz')) and not f.name.startswith('.'))
+        files = sorted(f for f in root.rglob('*') if f.is_file() and f.name.lower().endswith(('.nii', '.nii.gz')) and not f.name.startswith('.')
+                       and not _nifti_stem(f.name).endswith(LABEL_SUFFIX))          # label maps go with their CT
         if not files: raise InputError(f"{root}: no NIfTI files (.nii, .nii.gz) in this folder")
         found = {}
         for f in files:
             pid = _nifti_id(f.relative_to(root))
             if pid in found: pid = str(f.relative_to(root)).replace(os.sep, '_')
-            found[pid] = Source(pid, 'nifti', str(f))
+            found[pid] = Source(pid, 'nifti', str(f), labels=_label_map_of(f)[0], names=_label_map_of(f)[1])
     else:
         found, notes = {}, {}
         for folder, count, modality in _series_folders(root):
@@ -144,15 +164,23 @@ def radiographs(
 def patient_volume(
     source: Source,     # the patient
     cfg: DataConfig,    # resolution, field of view, HU policy, table removal
-):
-    "The patient's canonical CT (`Volume`, N³ HU): the phantom generator at N, or `ingest_ct` of the file or series."
-    from progressive_ct.volumes import Volume
+) -> tuple:
+    """The patient's canonical CT (`Volume`, N³ HU), its structure map (uint8 N³, bits of `STRUCTURES`; zeros where none
+    is known) and the structures known: the phantom generator's labels at N, or the label map that came with the file."""
+    n = cfg.resolution
     if source.kind == 'phantoms':
-        from progressive_ct.phantoms import chest_phantom
-        n, sp = cfg.resolution, (cfg.fov_mm / cfg.resolution,) * 3
-        hu = np.asarray(chest_phantom(seed=source.seed, size=n, fov_mm=cfg.fov_mm), dtype=np.float32)
-        return Volume(hu, sp, ipl_affine(hu.shape, sp), source.name)
-    return ingest_ct(source.path, cfg.resolution, cfg.fov_mm, cfg.hu_plus_1024, cfg.remove_table)
+        from progressive_ct.phantoms import chest_phantom_labels, phantom_structures
+        sp = (cfg.fov_mm / n,) * 3
+        hu, lab = chest_phantom_labels(seed=source.seed, size=n, fov_mm=cfg.fov_mm)
+        hu = np.asarray(hu, dtype=np.float32)
+        return Volume(hu, sp, ipl_affine(hu.shape, sp), source.name), phantom_structures(lab), list(STRUCTURES)
+    raw = check_hu_units(check_ct(load_ct(source.path)), cfg.hu_plus_1024)
+    vol = canonical_ct(raw, n, cfg.fov_mm, cfg.remove_table)
+    if not source.labels: return vol, np.zeros((n,) * 3, np.uint8), []
+    lab, known = load_structures(source.labels, source.names)
+    if lab.shape != raw.shape or not np.allclose(lab.affine, raw.affine, atol=1e-3 * min(raw.spacing)):
+        raise InputError(f"{source.labels}: not on the grid of its CT {source.path} (shape {lab.shape} vs {raw.shape}, or another affine)")
+    return vol, canonical_structures(lab.hu, raw, n, cfg.fov_mm), known
 
 def build_patient(
     source: Source,       # the patient
@@ -160,9 +188,9 @@ def build_patient(
     geometry: Geometry,   # from `dataset_geometry(cfg)`
 ) -> dict:
     """One row's content: `ct` int16 HU [N, N, N], `xray` float32 [V, S, S], `xray_materials` float32 [2, V, S, S] (the
-    water and bone mass thicknesses, g/cm², that the X-ray image model turns into radiographs of real machines), the
-    cube's affine and spacing."""
-    vol = patient_volume(source, cfg)
+    water and bone mass thicknesses, g/cm², that the X-ray image model turns into radiographs of real machines),
+    `structures` uint8 [N, N, N] (bits of `STRUCTURES`) with `structures_known`, the cube's affine and spacing."""
+    vol, structures, known = patient_volume(source, cfg)
     ct = np.clip(np.round(vol.hu), *CT_STORAGE_RANGE).astype(np.int16)
     hu = torch.from_numpy(ct.astype(np.float32))[None, None]
     materials = material_line_integrals(hu, vol.spacing, geometry)
@@ -172,7 +200,7 @@ def build_patient(
         xray = normalize_radiograph(system_log_image(materials, cfg.xray_model, geometry.pixel_spacing, seed))[0]
     materials = materials[0]
     return {'patient_id': source.patient_id, 'source': source.name, 'ct': ct, 'xray': xray.float().numpy(),
-            'xray_materials': materials.float().numpy(),
+            'xray_materials': materials.float().numpy(), 'structures': structures, 'structures_known': known,
             'spacing_mm': float(vol.spacing[0]), 'affine': [float(a) for a in np.asarray(vol.affine).ravel()]}
 
 # %% ../nbs/08_dataset.ipynb #b6d722cd
@@ -218,8 +246,8 @@ def assign_splits(
 # %% ../nbs/08_dataset.ipynb #f260aa12
 META_FILE = 'progressive_ct.json'       # the dataset's metadata, written last: its presence marks a complete dataset
 REPORT_FILE = 'prepare_report.json'     # every patient built or skipped, with reasons and times
-FORMAT_VERSION = 2                      # of the dataset layout; part of the cache key (2: xray_materials)
-ARRAYS = ('ct', 'xray', 'xray_materials')   # the arrays of a row, each stored as bytes + dtype + shape
+FORMAT_VERSION = 3                      # of the dataset layout; part of the cache key (2: xray_materials, 3: structures)
+ARRAYS = ('ct', 'xray', 'xray_materials', 'structures')   # the arrays of a row, each stored as bytes + dtype + shape
 CARDS = {'phantoms': 'synthetic-chest-phantoms.md', 'nifti': 'nifti-folder.md', 'dicom': 'nifti-folder.md', 'lidc': 'lidc-idri.md'}
 
 # %% ../nbs/08_dataset.ipynb #c4f84632
@@ -262,6 +290,8 @@ def _features():
                      'ct': Value('binary'), 'ct_shape': Sequence(Value('int32')), 'ct_dtype': Value('string'),
                      'xray': Value('binary'), 'xray_shape': Sequence(Value('int32')), 'xray_dtype': Value('string'),
                      'xray_materials': Value('binary'), 'xray_materials_shape': Sequence(Value('int32')), 'xray_materials_dtype': Value('string'),
+                     'structures': Value('binary'), 'structures_shape': Sequence(Value('int32')), 'structures_dtype': Value('string'),
+                     'structures_known': Sequence(Value('string')),
                      'spacing_mm': Value('float64'), 'affine': Sequence(Value('float64'))})
 
 def _write_splits(rows: dict, splits: dict, folder: Path):
@@ -428,6 +458,8 @@ def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, work
             'radiographs': {'stored': 'float32 [views, S, S]', 'formula': 'normalize_radiograph(render_drr(unit_to_mu(hu_to_unit(ct)), spacing_mm, geometry))',
                             'mu_water_per_mm': MU_WATER, 'wet_mm': RADIOGRAPH_WET_MM,
                             'materials': 'xray_materials: float32 [2, views, S, S], material_line_integrals(ct, spacing_mm, geometry): water and cortical-bone mass thickness, g/cm²'},
+            'structures': {'stored': 'uint8 [N, N, N], bit k set where the voxel is mostly STRUCTURES[k]', 'names': list(STRUCTURES),
+                           'known': {p: list(built[p]['structures_known']) for p in built}},
             'splits': splits, 'skipped': skipped}
     if kind == 'dicom':             # who and which study each series was: what a reconstruction written as DICOM carries over
         meta['dicom_identifiers'] = {p: dicom_identifiers(built[p]['source']) for p in built}
@@ -469,7 +501,8 @@ def stored_ct_to_unit(
 
 class CTDataset(torch.utils.data.Dataset):
     """One split of a dataset: items `{'xray': [V,1,S,S], 'ct': [1,n,n,n], 'patient_id'}` at the resolution asked for.
-    With `materials`, an item adds `mass` [2,V,S,S] (the stored water and bone mass thicknesses, g/cm², from which an X-ray
+    With `structures`, an item adds `structures` [1,n,n,n] (uint8 bits of `STRUCTURES`) and `known` (bit k: the patient's
+    map knows STRUCTURES[k]). With `materials`, an item adds `mass` [2,V,S,S] (the stored water and bone mass thicknesses, g/cm², from which an X-ray
     image model makes radiographs of real systems) and `key`, the index it was asked for (a keyed sampler's
     `epoch × n + index`: the row is the key mod n)."""
     def __init__(self,
@@ -478,8 +511,9 @@ class CTDataset(torch.utils.data.Dataset):
                  resolution: int | None = None, # CT size n (at most the stored N; area-averaged); default: the stored N
                  dtype=torch.float32,         # dtype of the returned tensors
                  materials: bool = False,     # add each patient's mass thicknesses and the item's key
+                 structures: bool = False,    # add each patient's structure map at this resolution and the structures known
                 ):
-        self.path, self.split, self.dtype, self.materials = Path(path), split, dtype, materials
+        self.path, self.split, self.dtype, self.materials, self.structures = Path(path), split, dtype, materials, structures
         self.meta = load_metadata(path)
         if split not in self.meta['splits']: raise InputError(f"split {split!r}: expected one of {', '.join(self.meta['splits'])}")
         self.top = self.meta['resolution']
@@ -531,7 +565,24 @@ class CTDataset(torch.utils.data.Dataset):
         xray = torch.from_numpy(_row_array(row, 'xray').astype(np.float32))
         item = {'xray': xray[:, None].to(self.dtype), 'ct': ct[None].to(self.dtype), 'patient_id': row.column('patient_id')[0].as_py()}
         if self.materials: item |= {'mass': torch.from_numpy(_row_array(row, 'xray_materials').astype(np.float32)), 'key': key}
+        if self.structures:
+            known = row.column('structures_known')[0].as_py()
+            item |= {'structures': structure_grid(_row_array(row, 'structures'), self.resolution)[None],
+                     'known': sum(1 << STRUCTURES.index(s) for s in known)}
         return item
+
+def structure_grid(
+    bits: np.ndarray,   # a structure map, N³
+    n: int,             # the grid wanted
+) -> torch.Tensor:      # uint8 [n, n, n]
+    "A structure map on a coarser grid: each structure kept where it fills at least half of the coarse voxel (area average)."
+    t = torch.from_numpy(np.ascontiguousarray(bits))
+    if n == t.shape[-1]: return t
+    out = torch.zeros((n,) * 3, dtype=torch.uint8)
+    for k in range(len(STRUCTURES)):
+        m = F.adaptive_avg_pool3d(((t >> k) & 1).float()[None, None], n)[0, 0]
+        out |= (m >= 0.5).to(torch.uint8) << k
+    return out
 
 def collate(
     items: list,   # items of a `CTDataset`

