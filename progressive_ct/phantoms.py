@@ -683,18 +683,20 @@ def chest_phantom(
     size: int = 128,        # voxels per side of the cube
     fov_mm: float = 400.0,  # side of the cube, mm (spacing fov_mm / size)
     nodules: bool = True,   # add the patient's lung nodules (0 to 3); nothing else changes
+    scanner: bool = True,   # the scan range, reconstruction circle and table the patient drew; False: the whole anatomy, no table
 ) -> torch.Tensor:
     "A chest CT in HU, float32 `[size, size, size]`, axes (inferior, posterior, patient's left), air −1000 outside the body."
-    return _build(seed, *_check_grid(size, fov_mm), bool(nodules))[0]
+    return _build(seed, *_check_grid(size, fov_mm), bool(nodules), scanner=bool(scanner))[0]
 
 def chest_phantom_labels(
     seed: int = 0,          # the patient: any non-negative integer
     size: int = 128,        # voxels per side of the cube
     fov_mm: float = 400.0,  # side of the cube, mm (spacing fov_mm / size)
     nodules: bool = True,   # add the patient's lung nodules (0 to 3); nothing else changes
+    scanner: bool = True,   # as `chest_phantom`'s
 ) -> tuple:
     "`chest_phantom`'s volume and a uint8 volume of tissue labels (index into `PHANTOM_LABELS`: what each voxel is mostly made of)."
-    hu, lab, _ = _build(seed, *_check_grid(size, fov_mm), bool(nodules), labels=True)
+    hu, lab, _ = _build(seed, *_check_grid(size, fov_mm), bool(nodules), labels=True, scanner=bool(scanner))
     return hu, lab
 
 def phantom_structures(
