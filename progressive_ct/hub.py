@@ -45,7 +45,7 @@ def _dataset_summary(path) -> dict:
     meta = json.loads(f.read_text())
     kind = (meta.get('source') or {}).get('kind', 'phantoms')
     counts = ', '.join(f"{len(v)} {k}" for k, v in meta.get('splits', {}).items())
-    what = ('synthetic chest phantoms built by the kit (ellipsoid anatomy, ribs, spine, lungs, heart)' if kind == 'phantoms'
+    what = ('synthetic chest phantoms built by the kit (lungs with vessel trees, heart, mediastinum, spine, ribs, scapulae, arms; contrast, scan ranges and tables as in real chest CTs)' if kind == 'phantoms'
             else f"CT volumes ingested from {kind} files")
     return {'source': kind, 'name': 'progressive-ct-phantoms' if kind == 'phantoms' else '',
             'description': f"{what}: {counts} patients, {meta['resolution']}³ voxels over a {meta['fov_mm']:g} mm field of view, "
