@@ -132,7 +132,8 @@ def find_sources(
         for f in files:
             pid = _nifti_id(f.relative_to(root))
             if pid in found: pid = str(f.relative_to(root)).replace(os.sep, '_')
-            found[pid] = Source(pid, 'nifti', str(f), labels=_label_map_of(f)[0], names=_label_map_of(f)[1])
+            labels, names = _label_map_of(f)
+            found[pid] = Source(pid, 'nifti', str(f), labels=labels, names=names)
     else:
         found, notes = {}, {}
         for folder, count, modality in _series_folders(root):

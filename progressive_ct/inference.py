@@ -306,16 +306,16 @@ def run_inference(
         + f" and {summary['n']} patient folder(s)")
     return summary
 
-def _add_structures(rows: list, start: int, item: dict, gt, volumes, refined, dims):
+def _add_structures(rows: list, start: int, item: dict, gt, volumes, refined, perfect: dict):
     """Per-structure scores (Dice of lungs and bone, mean HU error per structure) at the full grid, added to one patient's
-    full-grid rows (from `rows[start]` on) of stages, refined stage and oracles, plus a `ground_truth` row: what the HU rules
+    full-grid rows (from `rows[start]` on) of stages, refined stage and oracles (`perfect`: each coarser grid's oracle volume), plus a `ground_truth` row: what the HU rules
     find in the truth."""
     smap, known = item['structures'][None], [item['known']]
     top = gt.shape[-1]
     mine = rows[start:]
     by_row = {r['stage']: r for r in mine if r['grid'] == 'full' and r['stage'] != ''} | {f"o{r['oracle']}": r for r in mine if r['oracle'] != ''}
     vols = {k: resize_volume(v, top) for k, v in enumerate(volumes, 1)} | ({f'{len(volumes)}r': resize_volume(refined, top)} if refined is not None else {})
-    vols |= {f'o{n}': v for n, v in zip(dims, oracles(gt, dims).values())}
+    vols |= {f'o{n}': v for n, v in perfect.items()}
     truth = {'patient_id': item['patient_id'], 'stage': '', 'oracle': '', 'row': 'ground_truth', 'grid': 'full', 'voxels': top}
     for key, v in [*vols.items(), ('truth', gt)]:
         s = {m: x[0] for m, x in structure_metrics(v, gt, smap, known).items() if math.isfinite(x[0])}   # unknown structures left out
@@ -358,10 +358,11 @@ def _run_items(model, items, upto, views, staging, out, save_nifti, log, save_di
                                  'voxels': refined.shape[-1] if grid == 'native' else gt.shape[-1],
                                  **{key: float(v[0]) for key, v in values.items()}})
                 scored = f" PSNR {float(r['native']['psnr'][0]):.2f} dB"
-            for n, v in zip(model.voxel_dims, oracles(gt.float(), model.voxel_dims).values()):   # a perfect coarser stage, upsampled
+            perfect = dict(zip(model.voxel_dims, oracles(gt.float(), model.voxel_dims).values()))   # a perfect coarser stage, upsampled
+            for n, v in perfect.items():
                 rows.append({'patient_id': item['patient_id'], 'stage': '', 'oracle': n, 'grid': 'full', 'voxels': gt.shape[-1],
                              **{key: float(x[0]) for key, x in volume_metrics(v, gt.float()).items()}})
-            if 'structures' in item: _add_structures(rows, start, item, gt.float(), volumes, refined, model.voxel_dims)
+            if 'structures' in item: _add_structures(rows, start, item, gt.float(), volumes, refined, perfect)
             last = {key: float(v[0]) for key, v in m[f'stage{upto}']['native'].items()}
             said = f"stage {upto} PSNR {last['psnr']:.2f} dB, SSIM {last['ssim']:.3f}, MAE {last['mae_hu']:.0f} HU ({seconds[-1]:.2f} s)"
         else:

@@ -44,11 +44,11 @@ def test_quickstart_earns_every_resolution(quickstart_run):
     assert a['stage3']['dice_bone'] > a['stage2']['dice_bone'] and a['ground_truth']['dice_lungs'] > 0.9
 
 
-@pytest.mark.xfail(strict=False, reason="known shortfall: the quickstart (10/5/3 epochs on the new phantoms) took 733 s in CI on "
-                   "this project's 2-core machine, over the 600 s this test allows (and the 8 minutes the kit promises)")
+@pytest.mark.xfail(strict=True, reason="known shortfall: the quickstart (10/5/3 epochs on the new phantoms) took 733 s in CI on "
+                   "this project's 2-core machine, over the 8 minutes the kit promises")
 def test_quickstart_time(quickstart_run):
     s = json.loads((quickstart_run / 'summary.json').read_text())
-    assert s['seconds'] < 600, s['seconds']
+    assert s['seconds'] < 480, s['seconds']
 
 
 @pytest.mark.xfail(strict=True, reason="known shortfall with the phantom generator that has arms, contrast, scan ranges and tables: "
