@@ -20,10 +20,10 @@ from .geometry import Geometry, PRESETS, geometry_preset
 
 # %% auto #0
 __all__ = ['CASCADE_TIERS', 'HU_PLUS_1024_POLICIES', 'SOURCES', 'XRAY_MODELS', 'DEFAULT_PHANTOMS', 'STAGE_LOSS_WEIGHTS',
-           'QUICKSTART', 'encoder_widths', 'ModelConfig', 'check_stage', 'DataConfig', 'load_data_config',
-           'dataset_geometry', 'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig', 'LossConfig',
-           'CheckpointConfig', 'Config', 'config_from_dict', 'load_config', 'resolve_path', 'model_section',
-           'default_quickstart_config']
+           'QUICKSTART', 'encoder_widths', 'ModelConfig', 'check_stage', 'DataConfig', 'read_config_json',
+           'load_data_config', 'dataset_geometry', 'StageTrainingConfig', 'TrainingConfig', 'StageLossConfig',
+           'LossConfig', 'CheckpointConfig', 'Config', 'config_from_dict', 'load_config', 'resolve_path',
+           'model_section', 'default_quickstart_config']
 
 # %% ../nbs/02_config.ipynb #7eff75a4
 def encoder_widths(
@@ -131,6 +131,8 @@ class DataConfig:
     remove_table: bool = False           # air outside the body mask
     xray_model: str = 'ideal'            # radiographs stored: 'ideal' line integrals, or a named X-ray system's log image ('chest', 'bedside')
     split_seed: int = 0                  # salt of the patient -> split hash
+    split_file: str | None = None        # splits from lists: 'x2ct-gan' (X2CT-GAN's LIDC-IDRI lists) or a folder of train.txt, test.txt [, val.txt]
+    detector_mm: float | None = None     # side of the detector, mm (e.g. X2CT-GAN's 500); null: fitted to the cube's projection
     phantom_seed: int = 0                # phantoms: the first seed
 
     def __post_init__(self): self.validate()
@@ -160,6 +162,10 @@ class DataConfig:
         need(isinstance(self.remove_table, bool), 'remove_table', 'expected true or false')
         need(self.xray_model in XRAY_MODELS, 'xray_model', f"expected one of {', '.join(XRAY_MODELS)}")
         need(isint(self.split_seed), 'split_seed', 'expected a whole number')
+        need(self.split_file is None or (isinstance(self.split_file, (str, os.PathLike)) and str(self.split_file)), 'split_file',
+             "expected 'x2ct-gan', a folder holding train.txt and test.txt, or null")
+        need(self.detector_mm is None or (isnum(self.detector_mm) and 50 <= self.detector_mm <= 1000), 'detector_mm',
+             'expected the side of the detector in mm (50 to 1000), or null to fit it to the cube')
         need(isint(self.phantom_seed) and self.phantom_seed >= 0, 'phantom_seed', 'expected a whole number >= 0')
 
     @classmethod
@@ -175,6 +181,37 @@ class DataConfig:
     @property
     def fractions(self): return (self.train_split, self.val_split, self.test_split)
 
+def _read_json(path: Path) -> dict:
+    "One JSON object from a file; an `InputError` naming the file and the place where it is not."
+    try: data = json.loads(path.read_text(encoding='utf-8'))
+    except FileNotFoundError: raise InputError(f"{path}: no such configuration file") from None
+    except UnicodeDecodeError: raise InputError(f"{path}: not a text file") from None
+    except OSError as e: raise InputError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e: raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict): raise InputError(f"{path}: expected a JSON object of sections")
+    return data
+
+def _merged(base: dict, changes: dict) -> dict:
+    "`base` with `changes` laid over it, section by section (a nested object merges; any other value replaces)."
+    out = dict(base)
+    for k, v in changes.items(): out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+def read_config_json(
+    path,                   # a JSON configuration file; `"base": "other.json"` (beside it) names a file whose settings it changes
+    _seen=(),
+) -> dict:
+    "A configuration file's settings, with those of its `base` chain under them: a variant names only what it changes."
+    path = Path(path)
+    data = _read_json(path)
+    base = data.pop('base', None)
+    if base is None: return data
+    if not isinstance(base, str) or not base: raise InputError(f"{path}: base = {base!r}: expected the name of a configuration file")
+    parent = (path.parent / base).resolve()
+    if parent in _seen or parent == path.resolve(): raise InputError(f"{path}: base {base!r} leads back to itself")
+    if not parent.is_file(): raise InputError(f"{path}: base {base!r}: no such configuration file ({parent})")
+    return _merged(read_config_json(parent, _seen + (path.resolve(),)), data)
+
 def load_data_config(
     config=None,   # a JSON file (seed-style, with a `data` section), a dict of the `data` section, a `DataConfig`, or None
 ) -> DataConfig:
@@ -182,11 +219,7 @@ def load_data_config(
     if config is None or isinstance(config, DataConfig): return config or DataConfig()
     if isinstance(config, dict): return DataConfig.from_dict(config)
     path = Path(config)
-    try: cfg = json.loads(path.read_text())
-    except FileNotFoundError: raise InputError(f"{path}: no such configuration file") from None
-    except (OSError, UnicodeDecodeError) as e: raise InputError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e: raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(cfg, dict): raise InputError(f"{path}: expected a JSON object with a 'data' section")
+    cfg = read_config_json(path)
     data = cfg.get('data')
     if isinstance(data, dict):                   # the model's sizes, where the file sets them and `data` does not
         data, model, stage3 = dict(data), cfg.get('model') or {}, (cfg.get('training') or {}).get('stage3') or {}
@@ -199,9 +232,11 @@ def load_data_config(
 def dataset_geometry(
     cfg: DataConfig,   # data settings
 ) -> Geometry:
-    "The geometry radiographs are rendered with: the preset, detector S×S, pixels fitted to the N³ cube of `fov_mm`."
-    n = cfg.resolution
-    return geometry_preset(cfg.geometry, detector=(cfg.xray_size, cfg.xray_size)).fit_to_volume((n,) * 3, cfg.fov_mm / n)
+    """The geometry radiographs are rendered with: the preset with a detector of S×S pixels, fitted to the N³ cube of `fov_mm`,
+    or `detector_mm` wide where that is set (a fixed imager, as X2CT-GAN's 500 mm: the cube's edges may fall outside it)."""
+    n, s = cfg.resolution, cfg.xray_size
+    if cfg.detector_mm is not None: return geometry_preset(cfg.geometry, detector=(s, s), pixel_spacing=float(cfg.detector_mm) / s)
+    return geometry_preset(cfg.geometry, detector=(s, s)).fit_to_volume((n,) * 3, cfg.fov_mm / n)
 
 # %% ../nbs/02_config.ipynb #517e17c4
 @dataclass
@@ -415,7 +450,6 @@ def _check(c: Config, explicit: set):
         for name, w in dataclasses.asdict(c.stage_loss(k)).items():
             need(w >= 0, f'loss.stage{k}.{name}', f"must be 0 or more, got {w}")
     need(d.train_split > 0, 'data.train_split', "must be positive: training needs patients")
-    need(d.source == 'phantoms' or d.input_dir, 'data.input_dir', f"is needed for source {d.source!r}")
     need(c.checkpoints.save_every >= 1, 'checkpoints.save_every', f"must be at least 1 epoch, got {c.checkpoints.save_every}")
     need(c.checkpoints.save_every_minutes >= 0, 'checkpoints.save_every_minutes', f"must be 0 (off) or a number of minutes, got {c.checkpoints.save_every_minutes}")
     need(c.checkpoints.save_every_steps >= 0, 'checkpoints.save_every_steps', f"must be 0 (off) or a number of steps, got {c.checkpoints.save_every_steps}")
@@ -442,11 +476,7 @@ def load_config(
     "Read and validate a configuration file."
     path = Path(path)
     if not path.is_file(): raise InputError(f"{path}: no such configuration file")
-    try: data = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError: raise InputError(f"{path}: not a text file") from None
-    return config_from_dict(data, str(path))
+    return config_from_dict(read_config_json(path), str(path))
 
 def resolve_path(
     path,                   # a path from the configuration

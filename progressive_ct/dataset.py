@@ -29,11 +29,11 @@ from .drr import RADIOGRAPH_WET_MM, normalize_radiograph, render_drr
 from .xray import material_line_integrals, system_log_image
 
 # %% auto #0
-__all__ = ['CT_STORAGE_RANGE', 'SPLITS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'ARRAYS', 'CARDS', 'GRIDS_DIR', 'Source',
-           'find_sources', 'radiographs', 'patient_volume', 'build_patient', 'assign_splits', 'dataset_card', 'prepare',
-           'load_metadata', 'stored_ct_to_unit', 'CTDataset', 'structure_grid', 'collate', 'make_loader', 'grid_file',
-           'cache_grids', 'radiograph_reference', 'prepare_command', 'add_prepare_parser', 'add_prepare_arguments',
-           'main']
+__all__ = ['CT_STORAGE_RANGE', 'SPLITS', 'SPLIT_LISTS', 'META_FILE', 'REPORT_FILE', 'FORMAT_VERSION', 'ARRAYS', 'CARDS',
+           'GRIDS_DIR', 'Source', 'find_sources', 'radiographs', 'patient_volume', 'build_patient', 'assign_splits',
+           'read_split_lists', 'lists_splits', 'dataset_card', 'prepare', 'load_metadata', 'stored_ct_to_unit',
+           'CTDataset', 'structure_grid', 'collate', 'make_loader', 'grid_file', 'cache_grids', 'radiograph_reference',
+           'prepare_command', 'add_prepare_parser', 'add_prepare_arguments', 'main']
 
 # %% ../nbs/08_dataset.ipynb #39bd6c5b
 @dataclass(frozen=True)
@@ -95,18 +95,51 @@ def _looks_dicom(f: Path) -> bool:
         with open(f, 'rb') as fh: return fh.read(132)[128:] == b'DICM'
     except OSError: return False
 
-def _series_folders(root: Path):
-    "Folders below `root` (itself included) that hold DICOM files: (folder, number of DICOM files, modality)."
+@dataclass(frozen=True)
+class Series:
+    "One folder of DICOM files, as discovery sees it from the first file that reads (pixels not read)."
+    folder: Path           # the folder
+    files: int             # DICOM files in it
+    modality: str = ''     # Modality ('' where no file reads)
+    thickness: float = math.inf  # SliceThickness, mm (inf where absent)
+    number: int | None = None    # SeriesNumber
+    localizer: bool = False      # ImageType says LOCALIZER (a scout)
+    other_files: int = 0         # files that are not DICOM (annotation XML, notes)
+
+    def describe(self) -> str:
+        t = f", {self.thickness:g} mm slices" if math.isfinite(self.thickness) else ''
+        n = f", series number {self.number}" if self.number is not None else ''
+        return f"{self.modality or 'unreadable'}, {self.files} files{t}{n}"
+
+def _series_of(folder: Path, files: list, other: int) -> Series:
+    "A folder's `Series`: the header of its first readable file."
     import pydicom
+    for f in files:
+        try: ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception: continue                   # unreadable: the build names it if this series is chosen
+        try: thickness = float(getattr(ds, 'SliceThickness', None))
+        except (TypeError, ValueError): thickness = math.inf
+        try: number = int(getattr(ds, 'SeriesNumber', None))
+        except (TypeError, ValueError): number = None
+        localizer = 'LOCALIZER' in [str(v).upper() for v in (getattr(ds, 'ImageType', None) or [])]
+        return Series(folder, len(files), str(getattr(ds, 'Modality', '') or 'CT'), thickness if thickness > 0 else math.inf, number, localizer, other)
+    return Series(folder, len(files), other_files=other)
+
+def _series_folders(root: Path) -> list:
+    "Every folder below `root` (itself included) that holds DICOM files, as a `Series`."
     out = []
     for folder, _, names in sorted(os.walk(root)):
-        files = [Path(folder) / n for n in sorted(names) if not n.startswith('.') and _looks_dicom(Path(folder) / n)]
-        if not files: continue
-        modality = 'CT'
-        try: modality = str(getattr(pydicom.dcmread(files[0], stop_before_pixels=True), 'Modality', 'CT'))
-        except Exception: pass                       # unreadable: kept, so the build reports it by name
-        out.append((Path(folder), len(files), modality))
+        names = [n for n in sorted(names) if not n.startswith('.')]
+        files = [Path(folder) / n for n in names if _looks_dicom(Path(folder) / n)]
+        if files: out.append(_series_of(Path(folder), files, len(names) - len(files)))
     return out
+
+def _other_files(root: Path, pid: str) -> list:
+    "Files below a patient's folder that are not DICOM (LIDC-IDRI's annotation XML): ignored, and reported."
+    base = root / pid
+    if not base.is_dir(): return []
+    return sorted(f for f in base.rglob('*') if f.is_file() and not f.name.startswith('.') and not _looks_dicom(f))
+
 
 # %% ../nbs/08_dataset.ipynb #cf084cad
 def find_sources(
@@ -114,6 +147,7 @@ def find_sources(
     input_dir=None,                 # folder of NIfTI files or of DICOM series (not for phantoms)
     max_patients: int | None = None,# keep the first this many patients (sorted by id); phantoms default to 16
     phantom_seed: int = 0,          # phantoms: the first seed
+    wanted: dict | None = None,     # dicom: patient -> SeriesNumbers a split list names for it (chosen first where present)
 ) -> list:
     "The patients of a source, sorted by id: a list of `Source`."
     if kind not in SOURCES: raise InputError(f"--source {kind!r}: expected one of {', '.join(SOURCES)}")
@@ -135,21 +169,53 @@ def find_sources(
             labels, names = _label_map_of(f)
             found[pid] = Source(pid, 'nifti', str(f), labels=labels, names=names)
     else:
-        found, notes = {}, {}
-        for folder, count, modality in _series_folders(root):
-            if modality != 'CT': continue
-            rel = folder.relative_to(root)
-            pid = rel.parts[0] if rel.parts else root.name
-            prev = found.get(pid)
-            if prev is None or count > prev[1]:
-                if prev: notes.setdefault(pid, []).append(str(prev[0]))
-                found[pid] = (folder, count)
-            else: notes.setdefault(pid, []).append(str(folder))
+        found = _dicom_patients(root, wanted or {})
         if not found: raise InputError(f"{root}: no DICOM CT series in this folder or below it")
-        found = {pid: Source(pid, 'dicom', str(f), note=f"other series passed over: {', '.join(notes[pid])}" if pid in notes else '')
-                 for pid, (f, _) in found.items()}
     ids = sorted(found)
     return [found[i] for i in ids[:max_patients]]
+
+# %% ../nbs/08_dataset.ipynb #d5990722
+def _rank(s: Series) -> tuple: return (s.thickness, -s.files, str(s.folder))   # thinnest, then most slices, then by name
+
+def _pick_series(series: list, wanted=()) -> tuple:
+    "One patient's CT series by the rule above: (the chosen `Series` or None, notes on the rest, how it was chosen)."
+    from progressive_ct.volumes import MIN_SLICES
+    notes, usable = [], []
+    for s in series:
+        if s.modality and s.modality != 'CT': notes.append((s, f"not CT (modality {s.modality})"))
+        elif s.localizer: notes.append((s, 'a scout image (ImageType LOCALIZER)'))
+        elif s.files < MIN_SLICES: notes.append((s, f"{s.files} files, fewer than the {MIN_SLICES} slices a CT needs"))
+        else: usable.append(s)
+    if not usable: return None, notes, ''
+    named = [s for s in usable if s.number is not None and s.number in set(wanted)]
+    pool, how = (named, 'the series the split list names') if named else (usable, 'the thinnest CT series')
+    if wanted and not named: how += f" (the split list names series {', '.join(map(str, sorted(set(wanted))))}, not in this download)"
+    chosen = min(pool, key=_rank)
+    for s in usable:
+        if s is chosen: continue
+        why = (f"not the series the split list names ({chosen.number})" if named and s not in named else
+               f"thicker slices than the chosen {chosen.thickness:g} mm" if s.thickness > chosen.thickness else
+               f"as thin as the chosen series, with fewer slices" if s.files <= chosen.files else "passed over by name order")
+        notes.append((s, f"CT: {why}"))
+    return chosen, notes, how
+
+def _dicom_patients(root: Path, wanted: dict) -> dict:
+    "Patient id (the first folder under `root`) -> `Source` of its chosen CT series, with what was passed over as its note."
+    by_patient = {}
+    for s in _series_folders(root):
+        rel = s.folder.relative_to(root)
+        by_patient.setdefault(rel.parts[0] if rel.parts else root.name, []).append(s)
+    found = {}
+    for pid, series in sorted(by_patient.items()):
+        chosen, passed, how = _pick_series(series, wanted.get(pid, ()))
+        if chosen is None: continue
+        notes = [f"{s.folder.relative_to(root)} ({s.describe()}): {why}" for s, why in passed]
+        other = _other_files(root, pid) if (root / pid).is_dir() and pid != root.name else []
+        if other: notes.append(f"{len(other)} non-DICOM file(s) ignored: {', '.join(f.name for f in other[:3])}{', ...' if len(other) > 3 else ''}")
+        note = f"chose {chosen.folder.relative_to(root)} ({chosen.describe()}): {how}" + ''.join(f"; passed over {n}" for n in notes)
+        found[pid] = Source(pid, 'dicom', str(chosen.folder), note=note)
+    return found
+
 
 # %% ../nbs/08_dataset.ipynb #3dad486b
 CT_STORAGE_RANGE = (-1024, 3071)   # HU kept on disk (int16): the 12-bit CT range; the network's window is inside it
@@ -244,6 +310,73 @@ def assign_splits(
     cuts = np.cumsum([0] + counts)
     return {s: order[cuts[i]:cuts[i + 1]] for i, s in enumerate(SPLITS)}
 
+# %% ../nbs/08_dataset.ipynb #01c6be76
+SPLIT_LISTS = {   # name -> the lists shipped with the kit: files beside this module, their SHA-256, their source
+    'x2ct-gan': {'files': {'train': 'x2ct_gan_train.txt', 'test': 'x2ct_gan_test.txt'},
+                 'sha256': {'train': '7c44572ac6a83335dd8cb4e09e8653a3c4cf7aca6eec87f4cbbd7dc082f2e58e',
+                            'test': '48e72ef87e28bc9860a8143fd218f41ad8eb11510ea61589614eef419cec5ecb'},
+                 'source': 'X2CT-GAN (Ying et al., CVPR 2019): github.com/kylekma/X2CT, 3DGAN/data/train.txt and test.txt at commit '
+                           'a9f0473ee2b8acfc2abcc9acd7d7cf50435435e3; lines are scans, LIDC-IDRI-NNNN.<date>.<SeriesNumber>...'},
+}
+
+def _list_entries(path: Path) -> dict:
+    "A split list: patient id -> the SeriesNumbers its lines name (empty where a line names the patient alone)."
+    out = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split('#', 1)[0].strip()
+        if not line: continue
+        parts = line.split('.')
+        pid = parts[0]
+        if not pid or any(c.isspace() for c in pid): raise InputError(f"{path}, line {i}: {line!r} is not a patient id")
+        numbers = out.setdefault(pid, [])
+        if len(parts) >= 3 and parts[2].isdigit(): numbers.append(int(parts[2]))
+    return out
+
+def read_split_lists(
+    spec,   # 'x2ct-gan' (shipped), or a folder holding train.txt and test.txt (and val.txt)
+) -> dict:  # {'train': {patient: [SeriesNumber, ...]}, 'test': ..., ['val': ...], 'source': str}
+    "The split lists `data.split_file` names; an `InputError` naming the file where one is missing, altered or malformed."
+    if str(spec) in SPLIT_LISTS:
+        import progressive_ct
+        entry, here = SPLIT_LISTS[str(spec)], Path(progressive_ct.__file__).resolve().parent
+        out = {'source': entry['source']}
+        for split, name in entry['files'].items():
+            f = here / name
+            if not f.is_file(): raise InputError(f"data.split_file {spec!r}: {f} is missing from this installation")
+            if hashlib.sha256(f.read_bytes()).hexdigest() != entry['sha256'][split]:
+                raise InputError(f"data.split_file {spec!r}: {f} is not the published list (its SHA-256 differs)")
+            out[split] = _list_entries(f)
+        return out
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise InputError(f"data.split_file {str(spec)!r}: expected {', '.join(map(repr, SPLIT_LISTS))} or a folder holding train.txt and test.txt")
+    out = {'source': str(folder)}
+    for split in SPLITS:
+        f = folder / f'{split}.txt'
+        if f.is_file(): out[split] = _list_entries(f)
+        elif split != 'val': raise InputError(f"data.split_file {folder}: no {split}.txt in this folder")
+    return out
+
+def lists_splits(
+    patient_ids,             # the patients built
+    lists: dict,             # `read_split_lists`
+    val_fraction: float,     # of the training list held out for validation (where the lists have no val)
+    seed: int = 0,           # salt of the hash that holds validation out
+) -> tuple:                  # (splits, report: missing per split, in_both)
+    "Splits by the lists: a patient in the test list is tested (whatever else lists it); validation from `val` or held out of train."
+    ids = set(patient_ids)
+    test = sorted(ids & set(lists['test']))
+    val = sorted((ids & set(lists['val'])) - set(test)) if 'val' in lists else None
+    train = sorted((ids & set(lists['train'])) - set(test) - set(val or ()))
+    if val is None:
+        cut = assign_splits(train, (1 - val_fraction, val_fraction, 0.0), seed) if train and val_fraction > 0 else {'train': train, 'val': []}
+        train, val = sorted(cut['train']), sorted(cut['val'])
+    listed = {s: set(lists[s]) for s in SPLITS if s in lists}
+    report = {'missing': {s: sorted(p - ids) for s, p in listed.items()},
+              'in_both': sorted(set(lists['train']) & set(lists['test']))}
+    return {'train': train, 'val': val, 'test': test}, report
+
+
 # %% ../nbs/08_dataset.ipynb #f260aa12
 META_FILE = 'progressive_ct.json'       # the dataset's metadata, written last: its presence marks a complete dataset
 REPORT_FILE = 'prepare_report.json'     # every patient built or skipped, with reasons and times
@@ -262,12 +395,13 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 _CONTENT_KEYS = ('resolution', 'fov_mm', 'xray_size', 'geometry', 'hu_plus_1024', 'remove_table', 'xray_model',
-                 'train_split', 'val_split', 'test_split', 'split_seed')
+                 'train_split', 'val_split', 'test_split', 'split_seed', 'split_file', 'detector_mm')
 
-def cache_key(kind: str, sources: list, cfg: DataConfig, geometry: Geometry) -> str:
-    "Hash of everything a dataset's content depends on: sources, settings, geometry, format and code."
+def cache_key(kind: str, sources: list, cfg: DataConfig, geometry: Geometry, lists: dict | None = None) -> str:
+    "Hash of everything a dataset's content depends on: sources, settings, geometry, split lists, format and code."
     spec = {'format': FORMAT_VERSION, 'code': _code_hash(), 'kind': kind, 'settings': {k: getattr(cfg, k) for k in _CONTENT_KEYS},
             'geometry': geometry.to_dict(), 'sources': [s.fingerprint() for s in sources]}
+    if lists is not None: spec['lists'] = lists
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 def _pid_alive(pid: int) -> bool:
@@ -358,6 +492,7 @@ def prepare(
     force: bool = False,                  # rebuild even if the dataset is up to date
     num_workers: int | None = None,       # parallel processes; default: the config's num_workers
     xray_model: str | None = None,        # radiographs stored: 'ideal' or a named X-ray system; default: the config's xray_model
+    split_file: str | None = None,        # splits from lists: 'x2ct-gan' or a folder of train.txt, test.txt; default: the config's split_file
     progress: bool = True,                # progress bar on stderr
     log=print,                            # where the one-line summaries go
 ) -> dict:
@@ -365,14 +500,18 @@ def prepare(
     t_start = time.perf_counter()
     cfg = load_data_config(config)
     if xray_model is not None: cfg = DataConfig.from_dict(asdict(cfg) | {'xray_model': xray_model})
+    if split_file is not None: cfg = DataConfig.from_dict(asdict(cfg) | {'split_file': str(split_file)})
     source = source or cfg.source
     input_dir = input_dir if input_dir is not None else cfg.input_dir
     out = Path(out if out is not None else cfg.dataset_path)
     workers = cfg.num_workers if num_workers is None else num_workers
     if workers < 0: raise InputError(f"--workers {workers}: must be 0 or more")
-    sources = find_sources(source, input_dir, num_patients if num_patients is not None else cfg.max_patients, cfg.phantom_seed)
+    limit = num_patients if num_patients is not None else cfg.max_patients
+    lists = read_split_lists(cfg.split_file) if cfg.split_file else None
+    if lists is None: sources, unlisted = find_sources(source, input_dir, limit, cfg.phantom_seed), []
+    else: sources, unlisted = _listed_sources(source, input_dir, limit, cfg, lists)
     geometry = dataset_geometry(cfg)
-    key = cache_key(source, sources, cfg, geometry)
+    key = cache_key(source, sources, cfg, geometry, lists)
     if out.exists():
         meta_file = out / META_FILE
         if not meta_file.is_file() and out.is_dir() and any(out.iterdir()):
@@ -389,7 +528,7 @@ def prepare(
     _clean_stale(out)
     tmp = out.parent / f'.{out.name}.building-{os.getpid()}'
     try:
-        summary = _build(tmp, source, input_dir, sources, cfg, geometry, key, strict, workers, progress)
+        summary = _build(tmp, source, input_dir, sources, cfg, geometry, key, strict, workers, progress, lists, unlisted)
         if out.exists():
             old = out.parent / f'.{out.name}.old-{os.getpid()}'
             os.rename(out, old)
@@ -401,10 +540,23 @@ def prepare(
     summary.update(status='built', path=str(out), seconds=time.perf_counter() - t_start)
     log(f"{out}: built {', '.join(f'{k} {v}' for k, v in summary['counts'].items())} patients in {summary['seconds']:.1f} s"
         + (f"; skipped {len(summary['skipped'])} (see {out / REPORT_FILE})" if summary['skipped'] else ''))
+    for line in summary.get('said', []): log(line)
     return summary
 
+def _listed_sources(kind, input_dir, limit, cfg: DataConfig, lists: dict) -> tuple:
+    "The sources the split lists name (the first `limit`), each DICOM patient's series chosen as its list names; and the ids left out."
+    wanted = {}
+    for split in ('train', 'val', 'test'):                      # a tested patient's series is its test scan's
+        for pid, numbers in lists.get(split, {}).items(): wanted[pid] = numbers
+    found = find_sources(kind, input_dir, None, cfg.phantom_seed, wanted=wanted)
+    listed = [s for s in found if s.patient_id in wanted]
+    if not listed:
+        raise InputError(f"{input_dir}: none of its {len(found)} patients is in the split lists of data.split_file {cfg.split_file!r} "
+                         f"(e.g. {found[0].patient_id!r}; the lists name patients such as {next(iter(wanted))!r})")
+    return listed[:limit], [s.patient_id for s in found if s.patient_id not in wanted]
+
 # %% ../nbs/08_dataset.ipynb #aa4fd3bd
-def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, workers, progress) -> dict:
+def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, workers, progress, lists=None, unlisted=()) -> dict:
     "Build the whole dataset in `tmp`; returns the summary (counts, skipped)."
     from tqdm.auto import tqdm
     import datasets
@@ -440,7 +592,17 @@ def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, work
                for r in sorted(results, key=lambda r: r['index']) if not r['ok']]
     if not built:
         raise InputError(f"no patient could be built ({len(skipped)} tried); first: {skipped[0]['name']}: {skipped[0]['reason']}")
-    splits = assign_splits(list(built), cfg.fractions, cfg.split_seed)
+    said = []
+    if lists is None: splits = assign_splits(list(built), cfg.fractions, cfg.split_seed)
+    else:
+        splits, by_lists = lists_splits(list(built), lists, cfg.val_split / (cfg.train_split + cfg.val_split), cfg.split_seed)
+        by_lists = {'source': lists['source'], **by_lists, 'not_listed': sorted(unlisted)}
+        for split, gone in by_lists['missing'].items():
+            if gone: said.append(f"split lists: {len(gone)} of the {len(lists[split])} {split} patients are not in {input_dir} "
+                                 f"(or were skipped): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''} (all in {REPORT_FILE})")
+        if unlisted: said.append(f"split lists: {len(unlisted)} patient(s) in {input_dir} are in no list and were not built: "
+                                 f"{', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}")
+        if by_lists['in_both']: said.append(f"split lists: in both the train and the test list, tested only: {', '.join(by_lists['in_both'])}")
     was = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try: _write_splits(built, splits, tmp)
@@ -470,10 +632,13 @@ def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, work
               'seconds_per_patient': round(float(np.mean(list(seconds.values()))), 3)}
     notes = [{'patient_id': s.patient_id, 'note': s.note} for s in sources if s.note]
     if notes: report['notes'] = notes
+    passed = sum(s.note.count('; passed over ') for s in sources)
+    if passed: said.append(f"passed over {passed} other series or files beside the chosen CT series (each named, with why, in {REPORT_FILE} notes)")
+    if lists is not None: report['split_lists'] = meta['split_lists'] = by_lists
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     (tmp / 'README.md').write_text(dataset_card(meta))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))      # last: marks the folder complete
-    return {'cache_key': key, 'counts': report['counts'], 'skipped': skipped, 'seconds_per_patient': report['seconds_per_patient']}
+    return {'cache_key': key, 'counts': report['counts'], 'skipped': skipped, 'seconds_per_patient': report['seconds_per_patient'], 'said': said}
 
 # %% ../nbs/08_dataset.ipynb #fcb54e13
 def load_metadata(
@@ -681,7 +846,7 @@ def radiograph_reference(
 def prepare_command(args):
     "Run `prepare` from parsed command-line arguments."
     prepare(args.source, args.out, args.input_dir, args.num_patients, args.config, strict=args.strict, force=args.force,
-            num_workers=args.workers, xray_model=args.xray_model, progress=not args.quiet)
+            num_workers=args.workers, xray_model=args.xray_model, split_file=args.split_file, progress=not args.quiet)
 
 def add_prepare_parser(
     subparsers,   # the `add_subparsers()` object of a parser
@@ -701,6 +866,8 @@ def add_prepare_arguments(
     p.add_argument('--out', type=Path, help='dataset folder (default: data.dataset_path of --config)')
     p.add_argument('--config', type=Path, help='JSON configuration; its "data" section sets resolution, fov_mm, xray_size, splits, ...')
     p.add_argument('--strict', action='store_true', help='stop at the first bad input instead of skipping it')
+    p.add_argument('--split-file', help="splits from lists instead of the fractions: 'x2ct-gan' (X2CT-GAN's LIDC-IDRI lists, shipped) "
+                   "or a folder holding train.txt and test.txt (and val.txt) (default: data.split_file)")
     p.add_argument('--force', action='store_true', help='rebuild even if the dataset is up to date')
     p.add_argument('--workers', type=int, help='parallel processes (default: data.num_workers)')
     p.add_argument('--xray-model', choices=XRAY_MODELS, help="radiographs stored: ideal line integrals, or as a named X-ray system "

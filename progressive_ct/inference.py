@@ -147,7 +147,8 @@ METRIC_DEFINITIONS = {
     'ssim': '3D SSIM (Gaussian window sigma 1.5 voxels, data range 1), the loss\'s own implementation',
     'mae_hu': 'mean absolute error in HU over the whole cube',
     'psnr_2d_x2ct': f'X2CT-GAN protocol: 2D per-slice PSNR with peak {X2CT_PEAK:.0f} on HU+1024 clipped to [0, 2500], mean over the slices of the three axes',
-    'ssim_2d_x2ct': f'X2CT-GAN protocol: 2D per-slice SSIM (data range {X2CT_PEAK:.0f}), mean over the slices of the three axes',
+    'ssim_2d_x2ct': 'X2CT-GAN protocol: 2D per-slice SSIM on HU+1024 clipped to [0, 2500] with data range 2500 (X2CT-GAN: data range 1 on its [0, 1] scale), mean over the slices of the three axes',
+    'psnr_3d_x2ct': f'X2CT-GAN protocol: 3D PSNR (one MSE a volume) with peak {X2CT_PEAK:.0f} on HU+1024 clipped to [0, 2500] (4.29 dB above a PSNR with the data range as peak)',
     'dice_lungs': 'Dice of the lungs the HU rules find in the volume (inside the body, at or below -400 HU) against the reference structure map (full grid)',
     'dice_bone': 'Dice of the bone the HU rules find (inside the body, above 150 HU) against the reference structure map (full grid)',
     **{f'hu_err_{s}': f'mean |error| in HU inside the reference {s} (full grid)' for s in STRUCTURES},
@@ -405,13 +406,13 @@ def format_summary(summary: dict) -> str:
     """The summary's metrics as a text table: both families, native and full grid; the oracles (a perfect coarser stage upsampled)
     at the full grid; a refined last stage as `Nr`; the structure scores where the dataset has structure maps; then the mean
     reprojection error of each stage's volume."""
-    lines = [f"{'stage':5s} {'grid':6s} {'PSNR 3D':>14s} {'SSIM 3D':>13s} {'MAE HU':>10s} {'X2CT PSNR 2D':>14s} {'X2CT SSIM 2D':>13s}"]
+    lines = [f"{'stage':5s} {'grid':6s} {'PSNR 3D':>14s} {'SSIM 3D':>13s} {'MAE HU':>10s} {'X2CT PSNR 3D':>14s} {'X2CT PSNR 2D':>14s} {'X2CT SSIM 2D':>13s}"]
     for s, grids in summary['metrics'].items():
         if s == 'ground_truth': continue                                  # structure scores only: below
         for g, m in grids.items():
             f = lambda k, p: f"{m[k]['mean']:.{p}f}±{m[k]['std']:.{p}f}" if k in m else '-'
             lines.append(f"{s[5:] if s.startswith('stage') else s:5s} {g:6s} {f('psnr', 2):>14s} {f('ssim', 3):>13s} {f('mae_hu', 0):>10s} "
-                         f"{f('psnr_2d_x2ct', 2):>14s} {f('ssim_2d_x2ct', 3):>13s}")
+                         f"{f('psnr_3d_x2ct', 2):>14s} {f('psnr_2d_x2ct', 2):>14s} {f('ssim_2d_x2ct', 3):>13s}")
     scored = [(s, g['full']) for s, g in summary['metrics'].items() if any(k.startswith('dice_') for k in g.get('full', {}))]
     cols = [c for c in ('dice_lungs', 'dice_bone', 'hu_err_lungs', 'hu_err_bone', 'hu_err_heart', 'hu_err_nodules') if any(c in m for _, m in scored)]
     if scored:

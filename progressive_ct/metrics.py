@@ -3,6 +3,8 @@
 # %% ../nbs/13_metrics.ipynb #f0d3ae4c
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from skimage.metrics import structural_similarity
@@ -53,7 +55,7 @@ def mae_hu(
     return (unit_to_hu(p, window) - unit_to_hu(t, window)).abs().flatten(1).mean(1)
 
 # %% ../nbs/13_metrics.ipynb #909d95a3
-X2CT_PEAK = 4095.0           # X2CT-GAN's PSNR peak and SSIM data range
+X2CT_PEAK = 4095.0           # X2CT-GAN's PSNR peak (its SSIM's data range is the data's: 2500 here, 1 on its [0, 1] scale)
 X2CT_RANGE = (0.0, 2500.0)   # X2CT-GAN's CT scale: HU + 1024, clipped
 
 def to_x2ct_scale(
@@ -79,15 +81,17 @@ def _slice_ssim(a, b, axis, peak):
 def x2ct_metrics(
     pred: torch.Tensor,      # [B, 1, D, H, W] on the kit's [0, 1] scale
     target: torch.Tensor,    # [B, 1, D, H, W] on the kit's [0, 1] scale
-    peak: float = X2CT_PEAK, # PSNR peak and SSIM data range
-) -> dict:                   # {'psnr_2d': [B], 'ssim_2d': [B]} (mean of the three axes)
-    "X2CT-GAN's per-slice 2D PSNR and SSIM, each averaged over the slices of the three axes."
+    peak: float = X2CT_PEAK, # PSNR peak
+) -> dict:                   # {'psnr_2d': [B], 'ssim_2d': [B]} (mean of the three axes), 'psnr_3d': [B]
+    "X2CT-GAN's per-slice 2D PSNR and SSIM, each averaged over the slices of the three axes, and its 3D PSNR (one MSE a volume, the same peak)."
     _pair(pred, target)
     P, T = to_x2ct_scale(pred[:, 0]), to_x2ct_scale(target[:, 0])
-    out = {'psnr_2d': [], 'ssim_2d': []}
+    out = {'psnr_2d': [], 'ssim_2d': [], 'psnr_3d': []}
     for p, t in zip(P, T):
         out['psnr_2d'].append(float(np.mean([_slice_psnr(t, p, ax, peak) for ax in range(3)])))
-        out['ssim_2d'].append(float(np.mean([_slice_ssim(t, p, ax, peak) for ax in range(3)])))
+        out['ssim_2d'].append(float(np.mean([_slice_ssim(t, p, ax, X2CT_RANGE[1] - X2CT_RANGE[0]) for ax in range(3)])))   # = data range 1 on [0, 1]
+        mse = float(((t - p) ** 2).mean())
+        out['psnr_3d'].append(100.0 if mse == 0 else 20 * math.log10(peak / math.sqrt(mse)))
     return out
 
 # %% ../nbs/13_metrics.ipynb #ed59e125
@@ -96,11 +100,11 @@ def volume_metrics(
     target: torch.Tensor,    # [B, 1, D, H, W] on the [0, 1] scale
     x2ct: bool = True,       # also the X2CT protocol (slower: scikit-image per slice)
 ) -> dict:                   # metric name -> list of B floats
-    "Every metric of each volume: psnr (dB, data range 1), ssim, mae_hu, and psnr_2d_x2ct, ssim_2d_x2ct."
+    "Every metric of each volume: psnr (dB, data range 1), ssim, mae_hu, and psnr_2d_x2ct, ssim_2d_x2ct, psnr_3d_x2ct."
     m = {'psnr': psnr3d(pred, target).tolist(), 'ssim': ssim3d(pred, target).tolist(), 'mae_hu': mae_hu(pred, target).tolist()}
     if x2ct:
         x = x2ct_metrics(pred, target)
-        m['psnr_2d_x2ct'], m['ssim_2d_x2ct'] = x['psnr_2d'], x['ssim_2d']
+        m['psnr_2d_x2ct'], m['ssim_2d_x2ct'], m['psnr_3d_x2ct'] = x['psnr_2d'], x['ssim_2d'], x['psnr_3d']
     return m
 
 def stage_metrics(

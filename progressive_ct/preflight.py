@@ -26,8 +26,8 @@ from .train_step import finite_gradients, input_randomizer, phase_model, skip_st
 from .saving import free_bytes, save_bytes, size_text
 
 # %% auto #0
-__all__ = ['RESUME_KEYS', 'check_vgg', 'check_dataset', 'flatten', 'check_resume', 'check_space', 'preflight', 'measure_step',
-           'dry_run']
+__all__ = ['RESUME_KEYS', 'NOT_READY', 'check_vgg', 'check_dataset', 'flatten', 'check_resume', 'check_space', 'preflight',
+           'measure_step', 'dry_run']
 
 # %% ../nbs/18_preflight.ipynb #51b6c978
 def _writable(folder) -> str | None:
@@ -125,6 +125,8 @@ def check_space(cfg: Config, phases) -> str:
                          f"state and the last and best weights{kept}): free some space or set checkpoints.save_dir elsewhere")
     return f"space: {size_text(free)} free for {out}, one save needs about {size_text(need)}{kept}"
 
+NOT_READY = 'NOT READY for training: '   # a dry run's preflight line for a problem it measures around
+
 def preflight(
     cfg: Config,            # the run's configuration
     phases,                 # the phases to train (1, 2, 3, 4)
@@ -136,7 +138,11 @@ def preflight(
     if not dry_run:
         if why := _writable(out): raise InputError(f"checkpoints.save_dir {out}: the run cannot write there ({why})")
         lines += [f"output folder {out}: writable", check_space(cfg, phases)]
-    lines += [check_dataset(cfg, phases), check_vgg(cfg, phases)]
+    for check in (check_dataset, check_vgg):                  # a dry run measures without them, and says what training needs
+        try: lines.append(check(cfg, phases))
+        except InputError as e:
+            if not dry_run: raise
+            lines.append(f"{NOT_READY}{e}")
     if resume and not dry_run: lines.append(check_resume(cfg, out))
     done = set((read_json(out / PROGRESS_FILE, {}) if resume else {}).get('stages_done', []))
     for k in phases:
@@ -195,13 +201,20 @@ def dry_run(
     steps: int = 2,           # steps per phase
     log=None,                 # printing function (default: accelerator.print)
 ) -> list:                    # one `measure_step` row per phase
-    "`--dry-run`: the preflight, then one measured training step per phase at the configured shapes; writes nothing."
+    """`--dry-run`: the preflight, then one measured training step per phase at the configured shapes; writes nothing. What
+    training would stop on (no dataset yet, no VGG16 weights) is printed and measured around (random inputs, random VGG
+    weights: the same cost), then raised as an `InputError` after the measurements (exit status 2)."""
     phases = default_phases(cfg) if phases is None else tuple(Phase(k) for k in phases)
     accelerator = make_accelerator(cfg, cpu)
     say = log or accelerator.print
-    for line in preflight(cfg, phases, dry_run=True): say(f"preflight: {line}")
+    lines = preflight(cfg, phases, dry_run=True)
+    for line in lines: say(f"preflight: {line}")
+    blockers = [line[len(NOT_READY):] for line in lines if line.startswith(NOT_READY)]
     path = resolve_path(cfg.data.dataset_path)
-    meta = load_metadata(path) if (path / META_FILE).is_file() else config_meta(cfg)
+    try: meta = load_metadata(path) if (path / META_FILE).is_file() else config_meta(cfg)
+    except InputError: meta = config_meta(cfg)                # a dataset that does not fit: measured at the config's shapes
+    if blockers:                                              # measured as training will run: random VGG weights cost the same
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, allow_random_vgg=True))
     rows = []
     for k in phases:
         r = measure_step(cfg, k, meta, accelerator, steps)
@@ -211,4 +224,5 @@ def dry_run(
             f"{r['samples_per_s']:.2f} samples/s per process; peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})")
         rows.append(r)
     say("dry run: nothing was written")
+    if blockers: raise InputError(f"the dry run measured every stage, but training would stop before its first step: {' | '.join(blockers)}")
     return rows

@@ -87,7 +87,7 @@ def test_single_writes_every_output(quickstart_run, cli, tmp_path):
     assert [r['oracle'] for r in rows if not r['stage'] and not r['row']] == ['16', '32'] and 'oracle16' in summary['metrics']
     for k in ('dice_lungs', 'dice_bone', 'hu_err_lungs', 'hu_err_bone', 'hu_err_heart'):   # the phantom's structures, scored
         assert k in summary['metrics']['stage3']['full'] and k in summary['metrics']['ground_truth']['full'] and k in summary['definitions']
-    for key in ('psnr', 'ssim', 'mae_hu', 'psnr_2d_x2ct', 'ssim_2d_x2ct'):
+    for key in ('psnr', 'ssim', 'mae_hu', 'psnr_2d_x2ct', 'ssim_2d_x2ct', 'psnr_3d_x2ct'):
         assert key in rows[0] and key in summary['metrics']['stage3']['full'] and key in summary['definitions']
     # the per-patient line and the table both families
     assert 'PSNR' in r.stdout and 'X2CT' in r.stdout
