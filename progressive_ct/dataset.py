@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,7 @@ class Source:
     note: str = ''      # what discovery noticed (other series passed over)
     labels: str = ''    # its label map (NIfTI), if one came with the CT
     names: str = ''     # the label map's class names (CSV)
+    problem: str = ''   # why it cannot be built, found at discovery (a patient with no CT series): the build skips it, saying so
 
     @property
     def name(self) -> str: return self.path or f'phantom seed {self.seed}'
@@ -102,43 +104,46 @@ class Series:
     files: int             # DICOM files in it
     modality: str = ''     # Modality ('' where no file reads)
     thickness: float = math.inf  # SliceThickness, mm (inf where absent)
-    number: int | None = None    # SeriesNumber
+    number: float | None = None  # SeriesNumber (TCIA's folder names write it as a decimal: 3000566.000000)
     localizer: bool = False      # ImageType says LOCALIZER (a scout)
-    other_files: int = 0         # files that are not DICOM (annotation XML, notes)
 
     def describe(self) -> str:
         t = f", {self.thickness:g} mm slices" if math.isfinite(self.thickness) else ''
-        n = f", series number {self.number}" if self.number is not None else ''
+        n = f", series number {self.number:g}" if self.number is not None else ''
         return f"{self.modality or 'unreadable'}, {self.files} files{t}{n}"
 
-def _series_of(folder: Path, files: list, other: int) -> Series:
+    def numbers(self) -> set:
+        "The numbers a split list may name this series by: its SeriesNumber and the number its folder name starts with (TCIA's)."
+        m = re.match(r'(\d+(?:\.\d+)?)', self.folder.name)
+        return {x for x in (self.number, float(m.group(1)) if m else None) if x is not None}
+
+def _number(v) -> float | None:
+    try: x = float(str(v).strip())
+    except (TypeError, ValueError): return None
+    return x if math.isfinite(x) else None
+
+def _series_of(folder: Path, files: list) -> Series:
     "A folder's `Series`: the header of its first readable file."
     import pydicom
     for f in files:
         try: ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception: continue                   # unreadable: the build names it if this series is chosen
-        try: thickness = float(getattr(ds, 'SliceThickness', None))
-        except (TypeError, ValueError): thickness = math.inf
-        try: number = int(getattr(ds, 'SeriesNumber', None))
-        except (TypeError, ValueError): number = None
+        thickness = _number(getattr(ds, 'SliceThickness', None))
         localizer = 'LOCALIZER' in [str(v).upper() for v in (getattr(ds, 'ImageType', None) or [])]
-        return Series(folder, len(files), str(getattr(ds, 'Modality', '') or 'CT'), thickness if thickness > 0 else math.inf, number, localizer, other)
-    return Series(folder, len(files), other_files=other)
+        return Series(folder, len(files), str(getattr(ds, 'Modality', '') or 'CT'), thickness if thickness and thickness > 0 else math.inf,
+                      _number(getattr(ds, 'SeriesNumber', None)), localizer)
+    return Series(folder, len(files))
 
-def _series_folders(root: Path) -> list:
-    "Every folder below `root` (itself included) that holds DICOM files, as a `Series`."
-    out = []
+def _walk(root: Path) -> tuple:
+    "One walk of `root`: every folder that holds DICOM files as a `Series`, and every other file (annotation XML, notes)."
+    series, others = [], []
     for folder, _, names in sorted(os.walk(root)):
-        names = [n for n in sorted(names) if not n.startswith('.')]
-        files = [Path(folder) / n for n in names if _looks_dicom(Path(folder) / n)]
-        if files: out.append(_series_of(Path(folder), files, len(names) - len(files)))
-    return out
-
-def _other_files(root: Path, pid: str) -> list:
-    "Files below a patient's folder that are not DICOM (LIDC-IDRI's annotation XML): ignored, and reported."
-    base = root / pid
-    if not base.is_dir(): return []
-    return sorted(f for f in base.rglob('*') if f.is_file() and not f.name.startswith('.') and not _looks_dicom(f))
+        paths = [Path(folder) / n for n in sorted(names) if not n.startswith('.')]
+        files = [p for p in paths if _looks_dicom(p)]
+        dicom = set(files)
+        others += [p for p in paths if p not in dicom]
+        if files: series.append(_series_of(Path(folder), files))
+    return series, others
 
 
 # %% ../nbs/08_dataset.ipynb #cf084cad
@@ -187,31 +192,39 @@ def _pick_series(series: list, wanted=()) -> tuple:
         elif s.files < MIN_SLICES: notes.append((s, f"{s.files} files, fewer than the {MIN_SLICES} slices a CT needs"))
         else: usable.append(s)
     if not usable: return None, notes, ''
-    named = [s for s in usable if s.number is not None and s.number in set(wanted)]
+    keys = [float(w) for w in wanted]
+    named = [s for s in usable if any(abs(n - w) < 1e-6 for n in s.numbers() for w in keys)]
+    if keys and not named:                          # a list's key with parts beyond the SeriesNumber: match its whole number
+        named = [s for s in usable if any(abs(n - math.floor(w)) < 1e-6 for n in s.numbers() for w in keys)]
     pool, how = (named, 'the series the split list names') if named else (usable, 'the thinnest CT series')
-    if wanted and not named: how += f" (the split list names series {', '.join(map(str, sorted(set(wanted))))}, not in this download)"
+    if keys and not named: how += f" (the split list names series {', '.join(f'{w:g}' for w in sorted(set(keys)))}, not in this download)"
     chosen = min(pool, key=_rank)
     for s in usable:
         if s is chosen: continue
-        why = (f"not the series the split list names ({chosen.number})" if named and s not in named else
+        why = (f"not the series the split list names" if named and s not in named else
                f"thicker slices than the chosen {chosen.thickness:g} mm" if s.thickness > chosen.thickness else
                f"as thin as the chosen series, with fewer slices" if s.files <= chosen.files else "passed over by name order")
         notes.append((s, f"CT: {why}"))
     return chosen, notes, how
 
 def _dicom_patients(root: Path, wanted: dict) -> dict:
-    "Patient id (the first folder under `root`) -> `Source` of its chosen CT series, with what was passed over as its note."
-    by_patient = {}
-    for s in _series_folders(root):
-        rel = s.folder.relative_to(root)
-        by_patient.setdefault(rel.parts[0] if rel.parts else root.name, []).append(s)
+    """Patient id (the first folder under `root`) -> `Source` of its chosen CT series, with what was passed over as its
+    note; a patient without a CT image series gets a `Source` whose `problem` says why (the build skips it, naming that)."""
+    series, others = _walk(root)
+    by_patient, other_files = {}, {}
+    patient = lambda p: (p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else root.name)
+    for s in series: by_patient.setdefault(s.folder.relative_to(root).parts[0] if s.folder != root else root.name, []).append(s)
+    for f in others: other_files.setdefault(patient(f), []).append(f)
     found = {}
-    for pid, series in sorted(by_patient.items()):
-        chosen, passed, how = _pick_series(series, wanted.get(pid, ()))
-        if chosen is None: continue
+    for pid, group in sorted(by_patient.items()):
+        chosen, passed, how = _pick_series(group, wanted.get(pid, ()))
         notes = [f"{s.folder.relative_to(root)} ({s.describe()}): {why}" for s, why in passed]
-        other = _other_files(root, pid) if (root / pid).is_dir() and pid != root.name else []
+        other = other_files.get(pid, [])
         if other: notes.append(f"{len(other)} non-DICOM file(s) ignored: {', '.join(f.name for f in other[:3])}{', ...' if len(other) > 3 else ''}")
+        if chosen is None:
+            found[pid] = Source(pid, 'dicom', str(root / pid if (root / pid).is_dir() else root), note='; '.join(notes),
+                                problem=f"no CT image series ({'; '.join(notes)})")
+            continue
         note = f"chose {chosen.folder.relative_to(root)} ({chosen.describe()}): {how}" + ''.join(f"; passed over {n}" for n in notes)
         found[pid] = Source(pid, 'dicom', str(chosen.folder), note=note)
     return found
@@ -257,6 +270,7 @@ def build_patient(
     """One row's content: `ct` int16 HU [N, N, N], `xray` float32 [V, S, S], `xray_materials` float32 [2, V, S, S] (the
     water and bone mass thicknesses, g/cm², that the X-ray image model turns into radiographs of real machines),
     `structures` uint8 [N, N, N] (bits of `STRUCTURES`) with `structures_known`, the cube's affine and spacing."""
+    if source.problem: raise InputError(f"{source.name}: {source.problem}")
     vol, structures, known = patient_volume(source, cfg)
     ct = np.clip(np.round(vol.hu), *CT_STORAGE_RANGE).astype(np.int16)
     hu = torch.from_numpy(ct.astype(np.float32))[None, None]
@@ -320,7 +334,8 @@ SPLIT_LISTS = {   # name -> the lists shipped with the kit: files beside this mo
 }
 
 def _list_entries(path: Path) -> dict:
-    "A split list: patient id -> the SeriesNumbers its lines name (empty where a line names the patient alone)."
+    """A split list: patient id -> the series numbers its lines name (empty where a line names the patient alone). A line
+    `LIDC-IDRI-NNNN.<date>.<number>[.<more>].<k>` names the series `<number>[.<more>]` (X2CT-GAN's `8658.4.1` names 8658.4)."""
     out = {}
     for i, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split('#', 1)[0].strip()
@@ -329,7 +344,8 @@ def _list_entries(path: Path) -> dict:
         pid = parts[0]
         if not pid or any(c.isspace() for c in pid): raise InputError(f"{path}, line {i}: {line!r} is not a patient id")
         numbers = out.setdefault(pid, [])
-        if len(parts) >= 3 and parts[2].isdigit(): numbers.append(int(parts[2]))
+        key = '.'.join(parts[2:-1] if len(parts) >= 4 else parts[2:3])
+        if re.fullmatch(r'\d+(?:\.\d+)?', key): numbers.append(float(key))
     return out
 
 def read_split_lists(
@@ -508,8 +524,8 @@ def prepare(
     if workers < 0: raise InputError(f"--workers {workers}: must be 0 or more")
     limit = num_patients if num_patients is not None else cfg.max_patients
     lists = read_split_lists(cfg.split_file) if cfg.split_file else None
-    if lists is None: sources, unlisted = find_sources(source, input_dir, limit, cfg.phantom_seed), []
-    else: sources, unlisted = _listed_sources(source, input_dir, limit, cfg, lists)
+    if lists is None: sources, left_out = find_sources(source, input_dir, limit, cfg.phantom_seed), {}
+    else: sources, left_out = _listed_sources(source, input_dir, limit, cfg, lists)
     geometry = dataset_geometry(cfg)
     key = cache_key(source, sources, cfg, geometry, lists)
     if out.exists():
@@ -528,7 +544,7 @@ def prepare(
     _clean_stale(out)
     tmp = out.parent / f'.{out.name}.building-{os.getpid()}'
     try:
-        summary = _build(tmp, source, input_dir, sources, cfg, geometry, key, strict, workers, progress, lists, unlisted)
+        summary = _build(tmp, source, input_dir, sources, cfg, geometry, key, strict, workers, progress, lists, left_out)
         if out.exists():
             old = out.parent / f'.{out.name}.old-{os.getpid()}'
             os.rename(out, old)
@@ -544,7 +560,8 @@ def prepare(
     return summary
 
 def _listed_sources(kind, input_dir, limit, cfg: DataConfig, lists: dict) -> tuple:
-    "The sources the split lists name (the first `limit`), each DICOM patient's series chosen as its list names; and the ids left out."
+    """The sources the split lists name (the first `limit`), each DICOM patient's series chosen as its list names; and the ids
+    left out: `not_listed` (in no list) and `over_limit` (listed, past `limit`)."""
     wanted = {}
     for split in ('train', 'val', 'test'):                      # a tested patient's series is its test scan's
         for pid, numbers in lists.get(split, {}).items(): wanted[pid] = numbers
@@ -552,11 +569,13 @@ def _listed_sources(kind, input_dir, limit, cfg: DataConfig, lists: dict) -> tup
     listed = [s for s in found if s.patient_id in wanted]
     if not listed:
         raise InputError(f"{input_dir}: none of its {len(found)} patients is in the split lists of data.split_file {cfg.split_file!r} "
-                         f"(e.g. {found[0].patient_id!r}; the lists name patients such as {next(iter(wanted))!r})")
-    return listed[:limit], [s.patient_id for s in found if s.patient_id not in wanted]
+                         f"(e.g. {found[0].patient_id!r}; the lists name patients such as {next(iter(wanted))!r}): --input-dir is "
+                         "the folder that holds the patient folders (of an NBIA download: manifest-.../LIDC-IDRI)")
+    return listed[:limit], {'not_listed': [s.patient_id for s in found if s.patient_id not in wanted],
+                            'over_limit': [s.patient_id for s in listed[limit:]] if limit else []}
 
 # %% ../nbs/08_dataset.ipynb #aa4fd3bd
-def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, workers, progress, lists=None, unlisted=()) -> dict:
+def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, workers, progress, lists=None, left_out=None) -> dict:
     "Build the whole dataset in `tmp`; returns the summary (counts, skipped)."
     from tqdm.auto import tqdm
     import datasets
@@ -595,13 +614,19 @@ def _build(tmp: Path, kind, input_dir, sources, cfg, geometry, key, strict, work
     said = []
     if lists is None: splits = assign_splits(list(built), cfg.fractions, cfg.split_seed)
     else:
-        splits, by_lists = lists_splits(list(built), lists, cfg.val_split / (cfg.train_split + cfg.val_split), cfg.split_seed)
-        by_lists = {'source': lists['source'], **by_lists, 'not_listed': sorted(unlisted)}
+        kept = cfg.train_split + cfg.val_split
+        splits, by_lists = lists_splits(list(built), lists, cfg.val_split / kept if kept > 0 else 0.0, cfg.split_seed)
+        over, unlisted, failed = set(left_out['over_limit']), left_out['not_listed'], {s['patient_id'] for s in skipped}
+        by_lists = {'source': lists['source'], 'missing': {s: [p for p in v if p not in over and p not in failed] for s, v in by_lists['missing'].items()},
+                    'skipped': {s: [p for p in v if p in failed] for s, v in by_lists['missing'].items()}, 'in_both': by_lists['in_both'],
+                    'not_listed': sorted(unlisted), 'over_limit': sorted(over)}
+        names = lambda ids: f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}"
         for split, gone in by_lists['missing'].items():
-            if gone: said.append(f"split lists: {len(gone)} of the {len(lists[split])} {split} patients are not in {input_dir} "
-                                 f"(or were skipped): {', '.join(gone[:5])}{', ...' if len(gone) > 5 else ''} (all in {REPORT_FILE})")
-        if unlisted: said.append(f"split lists: {len(unlisted)} patient(s) in {input_dir} are in no list and were not built: "
-                                 f"{', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}")
+            if gone: said.append(f"split lists: {len(gone)} of the {len(lists[split])} {split} patients are not in {input_dir}: {names(gone)} (all in {REPORT_FILE})")
+        for split, bad in by_lists['skipped'].items():
+            if bad: said.append(f"split lists: {len(bad)} {split} patient(s) could not be built (the reasons in {REPORT_FILE}): {names(bad)}")
+        if over: said.append(f"split lists: {len(over)} listed patient(s) left out by --num-patients / max_patients: {names(sorted(over))}")
+        if unlisted: said.append(f"split lists: {len(unlisted)} patient(s) in {input_dir} are in no list and were not built: {names(unlisted)}")
         if by_lists['in_both']: said.append(f"split lists: in both the train and the test list, tested only: {', '.join(by_lists['in_both'])}")
     was = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()

@@ -59,8 +59,10 @@ def check_dataset(cfg: Config, phases) -> str:
     path, d = resolve_path(cfg.data.dataset_path), cfg.data
     if not (path / META_FILE).is_file():
         if d.source != 'phantoms':
+            origin = getattr(cfg, 'origin', None)
+            config = f" --config {origin}" if origin and Path(origin).is_file() else ''   # its data section: splits, geometry
             raise InputError(f"data.dataset_path {path}: no dataset there; build it first with "
-                             f"progressive-ct prepare --source {d.source} --input-dir DIR --out {path}")
+                             f"progressive-ct prepare --source {d.source}{config} --input-dir DIR --out {path}")
         if why := _writable(path): raise InputError(f"data.dataset_path {path}: no dataset there, and it cannot be built there ({why})")
         return f"dataset {path}: not built yet; {d.max_patients or DEFAULT_PHANTOMS} phantoms are built before the first step"
     meta = load_metadata(path)
@@ -211,8 +213,8 @@ def dry_run(
     for line in lines: say(f"preflight: {line}")
     blockers = [line[len(NOT_READY):] for line in lines if line.startswith(NOT_READY)]
     path = resolve_path(cfg.data.dataset_path)
-    try: meta = load_metadata(path) if (path / META_FILE).is_file() else config_meta(cfg)
-    except InputError: meta = config_meta(cfg)                # a dataset that does not fit: measured at the config's shapes
+    unfit = any(b.startswith('data.dataset_path') for b in blockers)  # no dataset, or one that does not fit the config
+    meta = config_meta(cfg) if unfit or not (path / META_FILE).is_file() else load_metadata(path)
     if blockers:                                              # measured as training will run: random VGG weights cost the same
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, allow_random_vgg=True))
     rows = []

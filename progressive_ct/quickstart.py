@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .config import default_quickstart_config, resolve_path
+from .config import default_quickstart_config, read_config_json, resolve_path
 from .geometry import unit_to_hu
 from .ops import atomic_write, load_weights, resize_volume
 from .volumes import save_nifti
@@ -177,7 +177,7 @@ def quickstart(
     "Phantoms -> dataset -> three stages -> evaluation on the test split beside the mean volume, the upsampled previous stages and the oracles."
     t0 = time.perf_counter()
     out = Path(out)
-    data = json.loads(Path(config).read_text()) if config else default_quickstart_config()
+    data = read_config_json(config) if config else default_quickstart_config()
     data.setdefault('data', {})['dataset_path'] = str(out / 'dataset')
     data.setdefault('checkpoints', {})['save_dir'] = str(out / 'checkpoints')
     from progressive_ct.config import config_from_dict

@@ -296,10 +296,14 @@ def dicom_identifiers(
     folder,   # a DICOM series folder (as `load_dicom_series` reads)
 ) -> dict:    # the patient, study and series identifiers of its first file ('' values left out)
     "Who and which study a DICOM series belongs to: what a volume derived from it carries over (`write_dicom_series(derived_from=...)`)."
-    files = _dicom_files(Path(folder))
-    if not files: raise InputError(f"{folder}: no DICOM files in this folder")
-    ds = files[0][1]
-    return {k: str(getattr(ds, k)) for k in DICOM_IDENTIFIERS if str(getattr(ds, k, '') or '')}
+    import pydicom
+    folder = Path(folder)
+    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.')):   # the first file that reads:
+        try: ds = pydicom.dcmread(f, stop_before_pixels=True)                                      # its header alone
+        except Exception: continue
+        if 'SOPClassUID' not in ds and 'Modality' not in ds: continue                             # not an image (a DICOMDIR, ...)
+        return {k: str(getattr(ds, k)) for k in DICOM_IDENTIFIERS if str(getattr(ds, k, '') or '')}
+    raise InputError(f"{folder}: no DICOM files in this folder")
 
 # %% ../nbs/04_volumes.ipynb #47181af4
 MIN_SLICES = 32         # fewest voxels along any axis of a usable CT
