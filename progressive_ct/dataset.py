@@ -203,7 +203,8 @@ def _pick_series(series: list, wanted=()) -> tuple:
         if s is chosen: continue
         why = (f"not the series the split list names" if named and s not in named else
                f"thicker slices than the chosen {chosen.thickness:g} mm" if s.thickness > chosen.thickness else
-               f"as thin as the chosen series, with fewer slices" if s.files <= chosen.files else "passed over by name order")
+               "as thin as the chosen series, with fewer slices" if s.files < chosen.files else
+               "as thin as the chosen series, with as many slices: passed over by folder name")
         notes.append((s, f"CT: {why}"))
     return chosen, notes, how
 
@@ -212,9 +213,9 @@ def _dicom_patients(root: Path, wanted: dict) -> dict:
     note; a patient without a CT image series gets a `Source` whose `problem` says why (the build skips it, naming that)."""
     series, others = _walk(root)
     by_patient, other_files = {}, {}
-    patient = lambda p: (p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else root.name)
-    for s in series: by_patient.setdefault(s.folder.relative_to(root).parts[0] if s.folder != root else root.name, []).append(s)
-    for f in others: other_files.setdefault(patient(f), []).append(f)
+    patient = lambda folder: (folder.relative_to(root).parts or (root.name,))[0]   # the first level below root (root itself: its name)
+    for s in series: by_patient.setdefault(patient(s.folder), []).append(s)
+    for f in others: other_files.setdefault(patient(f.parent), []).append(f)
     found = {}
     for pid, group in sorted(by_patient.items()):
         chosen, passed, how = _pick_series(group, wanted.get(pid, ()))
