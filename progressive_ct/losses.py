@@ -41,6 +41,12 @@ def _lean(fn, *args):
     return fn(*args)
 
 # %% ../nbs/12_losses.ipynb #66ca5d13
+def _band(n: int, w: torch.Tensor) -> torch.Tensor:
+    "The n × (n − k + 1) matrix whose column j holds the k-tap window `w` at rows j..j+k−1: `x @ _band(n, w)` is the valid correlation of x's last axis with w."
+    k = w.numel()
+    i = torch.arange(n, device=w.device)[:, None] - torch.arange(n - k + 1, device=w.device)[None]
+    return torch.where((i >= 0) & (i < k), w[i.clamp(0, k - 1)], w.new_zeros(()))
+
 class SSIM3D(nn.Module):
     "Gaussian-window 3D SSIM (skimage's definition); `forward` gives the loss 1 − mean SSIM."
     def __init__(self,
@@ -57,10 +63,10 @@ class SSIM3D(nn.Module):
         self.c1, self.c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
 
     def _filter(self, x):                       # [N, C, D, H, W] -> valid part of the separable Gaussian
-        C, w = x.shape[1], self.window.to(x.dtype)
-        k = w.numel()
-        for shape in ((k, 1, 1), (1, k, 1), (1, 1, k)):
-            x = F.conv3d(x, w.view(1, 1, *shape).expand(C, 1, *shape), groups=C)
+        "The Gaussian along W, H and D in turn, each a product with `_band` (no padding: the valid part only)."
+        w = self.window.to(x.dtype)
+        for axis in (-1, -2, -3):
+            x = (x.transpose(axis, -1) @ _band(x.shape[axis], w)).transpose(axis, -1)
         return x
 
     def ssim(self,
