@@ -255,7 +255,7 @@ class TrainingConfig:
     gradient_clip: float = 1.0               # clip the gradient norm to this (0: no clipping)
     warmup_fraction: float = 0.05            # fraction of a stage's steps with a linear warm-up, then cosine decay
     gradient_accumulation_steps: int = 1     # optimiser step every k batches
-    mixed_precision: str = 'no'              # 'no', 'fp16' or 'bf16' (accelerate's mixed precision)
+    mixed_precision: str = 'no'              # 'no', 'fp16', 'bf16' (accelerate's mixed precision), or 'auto': bf16 where the device computes it natively, else 'no'
     seed: int = 42                           # seeds weights, data order and augmentation
     max_nonfinite_steps: int = 20            # stop after this many non-finite losses in a row
     log_every: int = 50                      # read the step counters (non-finite checks, progress bar) every k steps: the only host sync of the loop
@@ -445,7 +445,8 @@ def _check(c: Config, explicit: set):
     need(0 <= t.warmup_fraction < 1, 'training.warmup_fraction', f"must be in [0, 1), got {t.warmup_fraction}")
     need(t.gradient_accumulation_steps >= 1, 'training.gradient_accumulation_steps', "must be at least 1")
     need(t.max_nonfinite_steps >= 1, 'training.max_nonfinite_steps', "must be at least 1")
-    need(t.mixed_precision in ('no', 'fp16', 'bf16'), 'training.mixed_precision', f"{t.mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
+    need(t.mixed_precision in ('no', 'fp16', 'bf16', 'auto'), 'training.mixed_precision',
+         f"{t.mixed_precision!r}: expected 'no', 'fp16', 'bf16' or 'auto'")
     for k in (1, 2, 3):
         for name, w in dataclasses.asdict(c.stage_loss(k)).items():
             need(w >= 0, f'loss.stage{k}.{name}', f"must be 0 or more, got {w}")
@@ -497,10 +498,10 @@ def model_section(
 # %% ../nbs/02_config.ipynb #5433ed2b
 QUICKSTART = {
     "model": model_section(CASCADE_TIERS['quickstart']),
-    "training": {"seed": 0, "warmup_fraction": 0.05,
+    "training": {"seed": 0, "warmup_fraction": 0.05, "mixed_precision": "auto",   # bf16 where the CPU computes it natively
                  "stage1": {"num_epochs": 10, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 16},
                  "stage2": {"num_epochs": 5, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 32},
-                 "stage3": {"num_epochs": 3, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 64, "crop_size": 32}},
+                 "stage3": {"num_epochs": 4, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 64, "crop_size": 32}},
     "loss": {"stage2": {"vgg_weight": 0.0}, "stage3": {"vgg_weight": 0.0}},
     "data": {"dataset_path": "quickstart_out/dataset", "max_patients": 320, "train_split": 0.8, "val_split": 0.075,
              "test_split": 0.125, "num_workers": 2},

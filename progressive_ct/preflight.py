@@ -21,7 +21,7 @@ from .geometry import Geometry
 from .dataset import META_FILE, load_metadata
 from .cascade import ProgressiveCascadeModel
 from .losses import VGG16_URL, load_vgg16_features, vgg16_cache_path
-from .runs import Phase, PROGRESS_FILE, build_model, config_meta, default_phases, make_accelerator, read_json
+from .runs import Phase, PROGRESS_FILE, build_model, config_meta, default_phases, make_accelerator, read_json, resolve_precision
 from .train_step import finite_gradients, input_randomizer, phase_model, skip_step_unless, step_crop, training_step
 from .saving import free_bytes, save_bytes, size_text
 
@@ -207,8 +207,10 @@ def dry_run(
     training would stop on (no dataset yet, no VGG16 weights) is printed and measured around (random inputs, random VGG
     weights: the same cost), then raised as an `InputError` after the measurements (exit status 2)."""
     phases = default_phases(cfg) if phases is None else tuple(Phase(k) for k in phases)
+    cfg, precision = resolve_precision(cfg, cpu)             # 'auto' made concrete for this machine
     accelerator = make_accelerator(cfg, cpu)
     say = log or accelerator.print
+    if precision: say(precision)
     lines = preflight(cfg, phases, dry_run=True)
     for line in lines: say(f"preflight: {line}")
     blockers = [line[len(NOT_READY):] for line in lines if line.startswith(NOT_READY)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration
 
 from .errors import InputError
@@ -27,9 +27,10 @@ from .cascade import ProgressiveCascadeModel, is_pretrained_folder, is_repo_id, 
 
 # %% auto #0
 __all__ = ['END_TO_END', 'PHASES', 'CONFIG_FILE', 'METRICS_FILE', 'PROGRESS_FILE', 'STATES_DIR', 'PICKLED_SUFFIXES', 'Phase',
-           'default_phases', 'final_weights', 'Run', 'TrainState', 'read_json', 'write_json', 'make_accelerator',
-           'MetricLog', 'ensure_dataset', 'mean_volume', 'config_meta', 'build_model', 'load_stage_weights',
-           'model_record', 'resolve_checkpoint', 'model_from_record', 'load_checkpoint']
+           'default_phases', 'final_weights', 'Run', 'TrainState', 'read_json', 'write_json', 'native_bf16',
+           'resolve_precision', 'make_accelerator', 'MetricLog', 'ensure_dataset', 'mean_volume', 'config_meta',
+           'build_model', 'load_stage_weights', 'model_record', 'resolve_checkpoint', 'model_from_record',
+           'load_checkpoint']
 
 # %% ../nbs/15_runs.ipynb #978866d1
 END_TO_END = 4   # the end-to-end phase: the fourth step of the schedule, every stage trained together
@@ -146,9 +147,30 @@ def read_json(path, default=None):
 def write_json(path, obj): atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2)))
 
 # %% ../nbs/15_runs.ipynb #7933fdcf
-def make_accelerator(cfg: Config, cpu: bool = False, project_dir=None) -> Accelerator:
-    "The run's `Accelerator`: mixed precision and accumulation from `training`, TensorBoard when installed and a folder is given."
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` compute bf16 natively? A CUDA GPU that supports it (Ampere and later); a CPU with AVX512-BF16 or AMX-BF16
+    (x86) or the BF16 extension (Arm). Elsewhere autocast emulates bf16, and that can be slower than float32."""
+    if device.type == 'cuda': return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != 'cpu' or not hasattr(torch.cpu, 'get_capabilities'): return False
+    caps = torch.cpu.get_capabilities()
+    return any(bool(caps.get(k, False)) for k in ('avx512_bf16', 'amx_bf16', 'bf16'))
+
+def resolve_precision(
+    cfg: Config,          # the run's configuration
+    cpu: bool = False,    # the run is forced onto the CPU
+) -> tuple:               # (the configuration to train with, a line saying what 'auto' chose or None)
+    """`training.mixed_precision: "auto"` made concrete for the device this process trains on: bf16 where that device computes
+    bf16 natively, else 'no' (float32). Any other value is returned as it is. The run's `config.json` records the choice."""
     t = cfg.training
+    if t.mixed_precision != 'auto': return cfg, None
+    device = PartialState(cpu=cpu).device
+    mp = 'bf16' if native_bf16(device) else 'no'
+    how = f"training.mixed_precision 'auto': {mp} (the {device.type} {'computes bf16 natively' if mp == 'bf16' else 'has no native bf16: float32'})"
+    return dataclasses.replace(cfg, training=dataclasses.replace(t, mixed_precision=mp)), how
+
+def make_accelerator(cfg: Config, cpu: bool = False, project_dir=None) -> Accelerator:
+    "The run's `Accelerator`: mixed precision (`resolve_precision`) and accumulation from `training`, TensorBoard when installed and a folder is given."
+    t = resolve_precision(cfg, cpu)[0].training
     tb = project_dir is not None and importlib.util.find_spec('tensorboard') is not None
     acc = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.gradient_accumulation_steps, cpu=cpu,
                       log_with='tensorboard' if tb else None, project_dir=None if project_dir is None else str(project_dir),

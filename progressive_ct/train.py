@@ -21,7 +21,7 @@ from .dataset import cache_grids, load_metadata, radiograph_reference
 from .cascade import ProgressiveCascadeModel
 from .runs import (CONFIG_FILE, END_TO_END, MetricLog, METRICS_FILE, Phase, PROGRESS_FILE, Run,
     TrainState, build_model, default_phases, ensure_dataset, load_stage_weights, make_accelerator, mean_volume,
-    model_record, read_json, write_json)
+    model_record, read_json, resolve_precision, write_json)
 from .train_step import (StepTally, finite_gradients, input_randomizer, phase_model, skip_step_unless,
     stage_loader, step_crop, stop_workers, training_step, validate, warmup_cosine)
 from .saving import Checkpointer, EXIT_STOPPED, StopSignals, TrainingStopped, phase_seed, save_bytes
@@ -45,8 +45,10 @@ def train(
     # 1. The accelerator, the run folder, every check before the first step, the trackers with the configuration
     phases = default_phases(cfg) if phases is None else tuple(Phase(p) for p in phases)
     out = resolve_path(cfg.checkpoints.save_dir)
+    cfg, precision = resolve_precision(cfg, cpu)             # 'auto' made concrete for this machine (config.json records it)
     accelerator = make_accelerator(cfg, cpu, project_dir=out)
     run = Run(cfg, accelerator, out, log or accelerator.print)
+    if precision: run.say(precision)
     for line in preflight(cfg, phases, resume): run.say(f"preflight: {line}")
     run.progress = read_json(out / PROGRESS_FILE, {}) if resume else {}
     run.progress.pop('stopped', None)                          # the stop it continues from, if any
