@@ -18,8 +18,11 @@ What is compared, cell by cell: the kinds of output, in order (a figure that dis
 between matplotlib and freetype builds. A cell skipped in execution must hold no output (nothing unchecked is
 stored). Every computed number (a PSNR, a loss, a shape, a count) must come out the same, so the notebooks fix their
 seeds, `PYTHONHASHSEED` is 0, and torch runs on `THREADS` threads whatever the machine's cores (a reduction split
-differently rounds differently). A different CPU can still round differently (its vector units pick other kernels):
-write the outputs again on the machine whose CI checks them. What a run measures of itself cannot repeat, and
+differently rounds differently). A different CPU still rounds differently (its vector units pick other kernels), so a
+printed decimal may differ by one unit of its last printed digit plus `RTOL` of its size (and `ATOL`): 39.35 for
+39.36, 1.4e-08 for 1.6e-08, 0.5574823 for 0.5574824 (`same_text`). Integers, words and the layout must be equal. A
+result a CPU's rounding moves further (a short training run amplifies it) is stale there: write the outputs again
+on the machine whose CI checks them. What a run measures of itself cannot repeat, and
 `VOLATILE` masks exactly that before comparing: durations and rates, a process's own memory and the disk's free
 space, temporary folders, the repository's and Python's install paths (and a warning's line number in them),
 pydicom's random UIDs, object addresses. The
@@ -176,6 +179,36 @@ def summary(outputs):
 def _text(t): return ''.join(t) if isinstance(t, list) else str(t)
 
 
+FLOAT = re.compile(r'(?<![\w.])[-+]?(?:\d[\d,]*\.\d*|\.\d+|\d[\d,]*(?=[eE][-+]?\d))(?:[eE][-+]?\d+)?')
+RTOL, ATOL = 2e-4, 1e-6     # a decimal may move this much (relative, absolute) beyond one unit of its last printed digit
+
+
+def _decimal(token):
+    "A printed decimal: (value, one unit of its last printed digit)."
+    mant, _, exp = token.replace(',', '').lower().partition('e')
+    places = len(mant.partition('.')[2])
+    return float(token.replace(',', '')), 10.0 ** (int(exp or 0) - places)
+
+
+def close(x, y):
+    "Two printed decimals that one computation, rounded differently, could give."
+    (a, ua), (b, ub) = _decimal(x), _decimal(y)
+    return abs(a - b) <= max(ua, ub) + RTOL * max(abs(a), abs(b)) + ATOL
+
+
+def same_text(s, t):
+    "Texts equal but for decimals within rounding (`close`); everything else, integers included, exactly equal."
+    if s == t: return True
+    ps, pt = FLOAT.split(s), FLOAT.split(t)
+    if ps != pt: return False
+    return all(close(x, y) for x, y in zip(FLOAT.findall(s), FLOAT.findall(t)))
+
+
+def same(a, b):
+    "One cell's compared outputs (`summary`) the same: the same kinds in order, their texts the same to within rounding."
+    return len(a) == len(b) and all(k == l and same_text(s, t) for (k, s), (l, t) in zip(a, b))
+
+
 def stored(path):
     "The outputs stored in the notebook, by cell id."
     nb = json.loads(path.read_text(encoding='utf-8'))
@@ -190,7 +223,7 @@ def differences(path, fresh, skipped):
             if old[cid]: problems.append(f'cell {cid}: is not executed by the tests, but holds outputs (nothing unchecked is stored)')
             continue
         a, b = summary(old[cid]), summary(fresh.get(cid, []))
-        if a == b: continue
+        if same(a, b): continue
         diff = difflib.unified_diff([f'{k}: {t}' for k, t in a], [f'{k}: {t}' for k, t in b], 'stored', 'now', lineterm='', n=1)
         shown = '\n'.join(list(diff)[:24])
         problems.append(f'cell {cid}: stored outputs differ from a fresh run\n{shown}')

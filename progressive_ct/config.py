@@ -501,7 +501,7 @@ QUICKSTART = {
     "training": {"seed": 0, "warmup_fraction": 0.05, "mixed_precision": "auto",   # bf16 where the CPU computes it natively
                  "stage1": {"num_epochs": 10, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 16},
                  "stage2": {"num_epochs": 5, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 32},
-                 "stage3": {"num_epochs": 3, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 64, "crop_size": 32}},
+                 "stage3": {"num_epochs": 4, "batch_size": 2, "learning_rate": 2e-3, "voxel_dim": 64, "crop_size": 32}},
     "loss": {"stage2": {"vgg_weight": 0.0}, "stage3": {"vgg_weight": 0.0}},
     "data": {"dataset_path": "quickstart_out/dataset", "max_patients": 320, "train_split": 0.8, "val_split": 0.075,
              "test_split": 0.125, "num_workers": 2},

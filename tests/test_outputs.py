@@ -62,6 +62,22 @@ def test_stale_outputs_fail_naming_the_notebook_and_cell(tmp_path):
     assert 'cell timed:' not in err and 'cell imports:' not in err
 
 
+def test_decimals_may_differ_by_rounding_and_nothing_else(tmp_path):
+    "Another CPU rounds differently: a printed decimal may move by its last digit (plus 2e-4 of itself); integers may not."
+    nb = notebook(tmp_path / 'rounding.ipynb', {'psnr': "print('PSNR 39.35 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5574823')"})
+    assert outputs('write', nb).returncode == 0
+    checks = {'PSNR 39.36 dB on 4 patients, |diff| 1.6e-08, SSIM 0.5574824': 0,   # one CPU's rounding against another's
+              'PSNR 39.38 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5574823': 1,   # three units of the last digit: a result
+              'PSNR 39.35 dB on 5 patients, |diff| 1.4e-08, SSIM 0.5574823': 1,   # a count
+              'PSNR 39.35 dB on 4 patients, |diff| 1.4e-05, SSIM 0.5574823': 1,   # a thousand times the error
+              'PSNR 39.35 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5584823': 1,
+              'PSNR 39.35 dB for 4 patients, |diff| 1.4e-08, SSIM 0.5574823': 1}  # a word
+    for text, rc in checks.items():
+        set_outputs(nb, 'psnr', [nbformat.v4.new_output('stream', name='stdout', text=text + '\n')])
+        r = outputs('check', nb)
+        assert r.returncode == rc, (text, r.stdout + r.stderr)
+
+
 def test_a_failing_cell_fails_the_check_with_its_traceback(tmp_path):
     nb = notebook(tmp_path / 'broken.ipynb', {'ok': 'x = 1', 'bad': 'x / 0'})
     r = outputs('check', nb)
