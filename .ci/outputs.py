@@ -19,10 +19,12 @@ between matplotlib and freetype builds. A cell skipped in execution must hold no
 stored). Every computed number (a PSNR, a loss, a shape, a count) must come out the same, so the notebooks fix their
 seeds, `PYTHONHASHSEED` is 0, and torch runs on `THREADS` threads whatever the machine's cores (a reduction split
 differently rounds differently). A different CPU still rounds differently (its vector units pick other kernels), so a
-printed decimal may differ by one unit of its last printed digit plus `RTOL` of its size (and `ATOL`): 39.35 for
-39.36, 1.4e-08 for 1.6e-08, 0.5574823 for 0.5574824 (`same_text`). Integers, words and the layout must be equal. A
-result a CPU's rounding moves further (a short training run amplifies it) is stale there: write the outputs again
-on the machine whose CI checks them. What a run measures of itself cannot repeat, and
+printed decimal (a digit after its point, or an exponent) may differ by one unit of its last printed digit plus
+`RTOL` of its size plus `ATOL`: 39.35 for 39.36, 0.5574823 for 0.5574824, a difference of 1.4e-08 for 1.6e-08 or
+0.0e+00 for 1.9e-09 (`same_text`). A printed zero has no last-digit unit, and the padding a wider number shifts is
+ignored. Integers, words and everything else must be equal. A result a CPU's rounding moves further (a short training
+run amplifies it) is stale there: write the outputs again on the machine whose CI checks them. What a run measures of
+itself cannot repeat, and
 `VOLATILE` masks exactly that before comparing: durations and rates, a process's own memory and the disk's free
 space, temporary folders, the repository's and Python's install paths (and a warning's line number in them),
 pydicom's random UIDs, object addresses. The
@@ -33,6 +35,7 @@ CI checks them in a clone of its own, and the site shows them to readers whose c
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import subprocess
@@ -179,28 +182,37 @@ def summary(outputs):
 def _text(t): return ''.join(t) if isinstance(t, list) else str(t)
 
 
-FLOAT = re.compile(r'(?<![\w.])[-+]?(?:\d[\d,]*\.\d*|\.\d+|\d[\d,]*(?=[eE][-+]?\d))(?:[eE][-+]?\d+)?')
-RTOL, ATOL = 2e-4, 1e-6     # a decimal may move this much (relative, absolute) beyond one unit of its last printed digit
+FLOAT = re.compile(r"""(?<![\w.])[-+]?(?:
+      (?:\d{1,3}(?:,\d{3})+|\d+)\.\d+(?:[eE][-+]?\d+(?!\w))?    # 39.35, 0.5574823, 79,905.9, 1.4e-08: a digit after the point
+    | \d+[eE][-+]?\d+(?!\w)                                     # 1e-08 (not 12e4567f, a hash)
+    )""", re.VERBOSE)
+RTOL, ATOL = 2e-4, 1e-7     # a decimal may move this much (relative, absolute) beyond one unit of its last printed digit
 
 
 def _decimal(token):
-    "A printed decimal: (value, one unit of its last printed digit)."
+    "A printed decimal: (value, one unit of its last printed digit; 0 for a printed zero, which must stay near zero)."
     mant, _, exp = token.replace(',', '').lower().partition('e')
     places = len(mant.partition('.')[2])
-    return float(token.replace(',', '')), 10.0 ** (int(exp or 0) - places)
+    value = float(token.replace(',', ''))
+    if float(mant) == 0 or not math.isfinite(value): return value, 0.0
+    return value, 10.0 ** (int(exp or 0) - places)
 
 
 def close(x, y):
     "Two printed decimals that one computation, rounded differently, could give."
     (a, ua), (b, ub) = _decimal(x), _decimal(y)
+    if not (math.isfinite(a) and math.isfinite(b)): return x == y
     return abs(a - b) <= max(ua, ub) + RTOL * max(abs(a), abs(b)) + ATOL
 
 
+def _layout(part): return re.sub(r' +', ' ', part)   # a carry or a sign moves a right-aligned column's padding
+
+
 def same_text(s, t):
-    "Texts equal but for decimals within rounding (`close`); everything else, integers included, exactly equal."
+    "Texts equal but for decimals within rounding (`close`) and the padding they shift; integers and words exactly equal."
     if s == t: return True
     ps, pt = FLOAT.split(s), FLOAT.split(t)
-    if ps != pt: return False
+    if len(ps) != len(pt) or any(_layout(a) != _layout(b) for a, b in zip(ps, pt)): return False
     return all(close(x, y) for x, y in zip(FLOAT.findall(s), FLOAT.findall(t)))
 
 

@@ -3,12 +3,11 @@ PNG radiographs the kit wrote reproducing `single`, `--refine-steps` scoring and
 input as one line, exit 2, nothing written.
 
 The module fixture runs the real quickstart (`progressive-ct quickstart`), so these tests also check, end to end,
-that the quickstart trains all three stages and that, on at least 8 test patients at the top grid, stage 2 adds at
-least 1 dB to stage 1 upsampled, stage 3 beats stage 2 and the perfect stage-1 grid upsampled (the oracle), the
+that the quickstart trains all three stages and that, on at least 8 test patients at the top grid, stages 2 and 3 each
+add at least 1 dB to the stage before upsampled, stage 3 beats the perfect stage-1 grid upsampled (the oracle), the
 structures are scored per stage, and the run's time. Known shortfalls are strict expected failures (they fail the run
-once fixed, so the marker goes): stage 3's gain below 1 dB and its gap to the 32³ oracle, and on the real chest CT
-(LIDC-IDRI-0001, fetched once by `example_chest_ct`; skipped offline) stage 3 below stage 2 and the refined volume below
-the 16³ oracle."""
+once fixed, so the marker goes): stage 3's gap to the 32³ oracle, and on the real chest CT (LIDC-IDRI-0001, fetched
+once by `example_chest_ct`; skipped offline) stage 3 below stage 2 and the refined volume below the 16³ oracle."""
 import csv
 import json
 import shutil
@@ -36,8 +35,8 @@ def test_quickstart_earns_every_resolution(quickstart_run):
     s = json.loads((quickstart_run / 'summary.json').read_text())
     assert s['n'] >= 8, s['n']
     assert s['beats_both_baselines'] == {'stage1': True, 'stage2': True, 'stage3': True}, s
-    known_short = 'stage3 >= stage2 + 1 dB'                   # see test_quickstart_stage3_adds_a_db
-    assert all(ok for name, ok in s['checks'].items() if name != known_short), s['checks']
+    own_test = 'stage3 >= stage2 + 1 dB'                      # a 0.01 dB margin: test_quickstart_stage3_adds_a_db alone
+    assert all(ok for name, ok in s['checks'].items() if name != own_test), s['checks']
     assert s['stage2']['psnr'] - s['stage1']['psnr'] >= 1.0 and s['stage3']['psnr'] > s['stage2']['psnr'] > s['mean_volume']['psnr']
     assert s['stage3']['psnr'] > s['oracle16']['psnr']
     a = s['structures']                                       # a Dice per stage for lungs and bone; stage 3's bone above stage 2's
@@ -56,7 +55,8 @@ def test_quickstart_time(quickstart_run):
 
 
 def test_quickstart_stage3_adds_a_db(quickstart_run):
-    "Stage 3 earns its resolution: +1.01 dB over stage 2 upsampled, measured with four stage-3 epochs (three gave +0.95)."
+    """Stage 3 earns its resolution: +1.01 dB over stage 2 upsampled, measured with four stage-3 epochs (three gave +0.95).
+    A margin of 0.01 dB: a CPU that rounds differently may land either side of it."""
     s = json.loads((quickstart_run / 'summary.json').read_text())
     assert s['stage3']['gain'] >= 1.0
 

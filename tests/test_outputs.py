@@ -63,19 +63,24 @@ def test_stale_outputs_fail_naming_the_notebook_and_cell(tmp_path):
 
 
 def test_decimals_may_differ_by_rounding_and_nothing_else(tmp_path):
-    "Another CPU rounds differently: a printed decimal may move by its last digit (plus 2e-4 of itself); integers may not."
-    nb = notebook(tmp_path / 'rounding.ipynb', {'psnr': "print('PSNR 39.35 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5574823')"})
+    """Another CPU rounds differently: a printed decimal may move by its last digit (plus 2e-4 of itself, plus 1e-7), and
+    the padding before it with it; integers, a printed zero, hashes, file names and words may not."""
+    stored = 'PSNR 39.35 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5574823, max 0.0e+00, gain    9.99, key 12e4567f, [0., 1.]'
+    nb = notebook(tmp_path / 'rounding.ipynb', {'psnr': f"print({stored!r})"})
     assert outputs('write', nb).returncode == 0
-    checks = {'PSNR 39.36 dB on 4 patients, |diff| 1.6e-08, SSIM 0.5574824': 0,   # one CPU's rounding against another's
-              'PSNR 39.38 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5574823': 1,   # three units of the last digit: a result
-              'PSNR 39.35 dB on 5 patients, |diff| 1.4e-08, SSIM 0.5574823': 1,   # a count
-              'PSNR 39.35 dB on 4 patients, |diff| 1.4e-05, SSIM 0.5574823': 1,   # a thousand times the error
-              'PSNR 39.35 dB on 4 patients, |diff| 1.4e-08, SSIM 0.5584823': 1,
-              'PSNR 39.35 dB for 4 patients, |diff| 1.4e-08, SSIM 0.5574823': 1}  # a word
-    for text, rc in checks.items():
-        set_outputs(nb, 'psnr', [nbformat.v4.new_output('stream', name='stdout', text=text + '\n')])
+    changes = {('39.35', '39.36'): 0, ('1.4e-08', '1.6e-08'): 0, ('0.5574823', '0.5574824'): 0,   # rounding
+               ('    9.99', '   10.00'): 0, ('0.0e+00', '1.9e-09'): 0,                          # a carry; a difference of nothing
+               ('39.35', '39.38'): 1,                                  # three units of the last digit: a result
+               ('4 patients', '5 patients'): 1,                        # a count
+               ('1.4e-08', '1.4e-05'): 1, ('0.5574823', '0.5584823'): 1, ('0.0e+00', '9.9e-02'): 1,
+               ('12e4567f', '12e4568f'): 1,                            # a hash is not a number
+               ('[0., 1.]', '[1., 0.]'): 1,                            # whole numbers, written with a point
+               ('on 4', 'for 4'): 1}                                   # a word
+    for (old, new), rc in changes.items():
+        assert old in stored
+        set_outputs(nb, 'psnr', [nbformat.v4.new_output('stream', name='stdout', text=stored.replace(old, new) + '\n')])
         r = outputs('check', nb)
-        assert r.returncode == rc, (text, r.stdout + r.stderr)
+        assert r.returncode == rc, ((old, new), r.stdout + r.stderr)
 
 
 def test_a_failing_cell_fails_the_check_with_its_traceback(tmp_path):
