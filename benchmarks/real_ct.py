@@ -12,8 +12,9 @@ model was trained on (--dataset, the quickstart's; unseen patients of the curren
 Every stage is scored at the top grid (64³): PSNR with data range 1 on the [0, 1] scale = HU -1000..1500, Dice of lungs
 and bone segmented by HU rules, mean HU error per structure; beside the mean volume of the training split (phantoms
 only), the oracles (the ground truth at 16³ and 32³, upsampled) and the ground truth's own structure scores. Then the
-stage-3 volume refined at test time (`refine_to_radiographs`, `infer --refine-steps`): its scores and the reprojection
-error (mean |DRR − input| on the network's radiograph scale) before and after, and the seconds per patient.
+stage-3 volume refined at test time (`refine_to_radiographs` with stage 2 as `previous`, as `infer --refine-steps` runs
+it): its scores and the reprojection error (mean |DRR − input| on the network's radiograph scale) before and after, and
+the seconds per patient.
 Writes benchmarks/results/real_ct.json.
 """
 import argparse
@@ -52,7 +53,7 @@ def patient(model, item, mean, steps):
     if mean is not None: rows['mean_volume'] = score(mean, gt, item)
     x = item['xray'][:, 0][None]
     t0 = time.perf_counter()
-    refined = refine_to_radiographs(model, vols[-1], x, steps=steps)
+    refined = refine_to_radiographs(model, vols[-1], x, steps=steps, previous=vols[-2])   # as infer runs it
     seconds = time.perf_counter() - t0
     rows['stage3_refined'] = score(refined, gt, item)
     rows['stage3']['reprojection'] = float(reprojection_error(model, vols[-1], x)[0])

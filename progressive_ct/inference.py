@@ -31,9 +31,9 @@ from .metrics import X2CT_PEAK, oracles, stage_metrics, structure_metrics, volum
 from .runs import load_checkpoint
 
 # %% auto #0
-__all__ = ['REFINE_STEPS', 'REFINE_PRIOR_WEIGHT', 'METRIC_DEFINITIONS', 'MODES', 'FILES_WARNING', 'reconstruct', 'reproject',
-           'reprojection_error', 'refine_to_radiographs', 'check_dataset_fits', 'run_inference', 'format_summary',
-           'add_infer_arguments', 'infer_command', 'main']
+__all__ = ['REFINE_STEPS', 'REFINE_PRIOR_WEIGHT', 'REFINE_DISAGREEMENT', 'REFINE_DISAGREEMENT_BOX', 'METRIC_DEFINITIONS', 'MODES',
+           'FILES_WARNING', 'reconstruct', 'reproject', 'reprojection_error', 'refine_to_radiographs',
+           'check_dataset_fits', 'run_inference', 'format_summary', 'add_infer_arguments', 'infer_command', 'main']
 
 # %% ../nbs/20_inference.ipynb #2802357e
 def _radiograph_batch(
@@ -72,6 +72,8 @@ def reproject(
 # %% ../nbs/20_inference.ipynb #dd88c9d4
 REFINE_STEPS = 40          # steps `--refine-steps` is recommended with: chosen on the quickstart's validation phantoms
 REFINE_PRIOR_WEIGHT = 0.0  # the explicit pull toward the network's volume, chosen there too (any pull scored lower)
+REFINE_DISAGREEMENT = 2.0  # a: the solver's metric 1 + a·d/mean(d), d = |last stage − the one before|; chosen there too
+REFINE_DISAGREEMENT_BOX = 3  # d averaged over this many voxels a side (odd); chosen there too
 
 def _detector_radiographs(model, xray, batch: int | None = None) -> torch.Tensor:
     "Radiographs `[B, V, rows, cols]` on the detector's pixel grid (resampled as the DRR loss does), on the model's device."
@@ -106,21 +108,38 @@ def _linear_render(drr: DRRReprojectionLoss, d: torch.Tensor) -> torch.Tensor:
     slope = float(unit_to_mu(torch.tensor(1.0, dtype=torch.float64)) - unit_to_mu(torch.tensor(0.0, dtype=torch.float64)))
     return drr.normalize(render_drr(slope * d, tuple(drr.fov_mm / s for s in d.shape[-3:]), drr.geometry))
 
+def _disagreement_scale(v0, previous, a):
+    """The solver's change of variable v = v0 + w·z, w = sqrt(1 + a·d/mean(d)) per patient, d = |v0 − previous upsampled|
+    (None: no previous volume, or a = 0: plain conjugate gradients)."""
+    if previous is None or a == 0: return None
+    prev = torch.as_tensor(previous)
+    if prev.ndim != 5 or prev.shape[:2] != (v0.shape[0], 1) or len(set(prev.shape[2:])) != 1 or not prev.is_floating_point():
+        raise InputError(f"previous {tuple(prev.shape)} {prev.dtype}: expected a float volume [{v0.shape[0]}, 1, m, m, m], one per patient of the volume")
+    d = (v0 - resize_volume(prev.detach().float().to(v0.device), v0.shape[-1]).clamp(0, 1)).abs()
+    d = torch.nn.functional.avg_pool3d(d, REFINE_DISAGREEMENT_BOX, 1, REFINE_DISAGREEMENT_BOX // 2)   # the disagreement's neighbourhood
+    return (1 + a * d / d.flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1, 1)).sqrt()
+
 def refine_to_radiographs(
     model: ProgressiveCascadeModel,     # the cascade: its geometry, field of view and device (its weights are not touched)
     volume: torch.Tensor,               # [B, 1, n, n, n] the network's volume on the [0, 1] scale: the start and the prior
     xray,                               # the radiographs it was reconstructed from, network scale, any shape `reconstruct` takes
     steps: int = REFINE_STEPS,          # conjugate-gradient steps (0: the volume as given)
     prior_weight: float = REFINE_PRIOR_WEIGHT, # weight of the mean squared difference to `volume` beside the mean squared DRR difference
+    previous: torch.Tensor | None = None,      # [B, 1, m, m, m] the stage before's volume (any grid): where it and `volume` disagree gets more of the correction; None: the same everywhere
+    disagreement: float = REFINE_DISAGREEMENT, # a: how much more (the metric 1 + a·d/mean(d)); 0: the same everywhere
 ) -> torch.Tensor:                      # [B, 1, n, n, n] float32 on the CPU, in [0, 1]
-    "Test-time refinement: projected conjugate gradients on the volume so that its DRRs match the radiographs, from the network's volume."
+    """Test-time refinement: projected conjugate gradients on the volume so that its DRRs match the radiographs, from the network's
+    volume; with `previous`, more of the correction goes where the two stages disagree."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise InputError(f"refinement steps {steps!r}: expected 0 (off) or a whole number of steps")
     if isinstance(prior_weight, bool) or not isinstance(prior_weight, (int, float)) or not (math.isfinite(prior_weight) and prior_weight >= 0):
         raise InputError(f"refinement prior_weight {prior_weight!r}: expected a number >= 0")
+    if isinstance(disagreement, bool) or not isinstance(disagreement, (int, float)) or not (math.isfinite(disagreement) and disagreement >= 0):
+        raise InputError(f"refinement disagreement {disagreement!r}: expected a number >= 0")
     v0 = _volume_batch(volume)
     x = _detector_radiographs(model, xray, v0.shape[0])
     v0 = v0.detach().float().to(x.device).clamp(0, 1)
+    w = _disagreement_scale(v0, previous, disagreement)
     if steps == 0: return v0.cpu()
     drr = DRRReprojectionLoss(model.geometry, model.fov_mm)
     dot = lambda a, b: (a * b).flatten(1).sum(1).view(-1, 1, 1, 1, 1)   # one number per patient: patients never mix
@@ -132,12 +151,14 @@ def refine_to_radiographs(
             loss = mean_sq(_linear_render(drr, u) - x) + prior_weight * mean_sq(u - v0)
             g, = torch.autograd.grad(loss.sum(), u)
         with torch.no_grad():
+            if w is not None: g = w * g                                 # the gradient in z, where v = v0 + w·z
             g = torch.where(((v <= 0) & (g > 0)) | ((v >= 1) & (g < 0)), torch.zeros_like(g), g)   # held at a bound
             beta = 0 if p is None else (dot(g, g - g_old) / dot(g_old, g_old).clamp_min(1e-30)).clamp_min(0)   # Polak-Ribière+
             p = -g if p is None else -g + beta * p
             if (dot(g, p) >= 0).any(): p = torch.where(dot(g, p) >= 0, -g, p)   # not a descent direction: restart there
-            curvature = 2 * (mean_sq(_linear_render(drr, p)) + prior_weight * mean_sq(p)).view(-1, 1, 1, 1, 1)
-            v = (v - dot(g, p) / curvature.clamp_min(1e-30) * p).clamp(0, 1)   # exact line search, then the window
+            dv = p if w is None else w * p                              # the step in v
+            curvature = 2 * (mean_sq(_linear_render(drr, dv)) + prior_weight * mean_sq(dv)).view(-1, 1, 1, 1, 1)
+            v = (v - dot(g, p) / curvature.clamp_min(1e-30) * dv).clamp(0, 1)   # exact line search, then the window
             g_old = g
     return v.cpu()
 
@@ -159,7 +180,8 @@ METRIC_DEFINITIONS = {
     'reprojection': "mean absolute difference between a volume's DRRs (rendered as the DRR loss renders them) and the input radiographs, "
                     "on the network's radiograph scale (1 = 400 mm of water); summary['reprojection'], per patient and mean, for every stage",
     'Nr': "stage N's volume after test-time refinement to the input radiographs (--refine-steps: projected conjugate gradients on "
-          "its DRR squared error, from the network's volume; `refine_to_radiographs`), e.g. stage 3r",
+          "its DRR squared error, from the network's volume, with more of the correction where stages N and N-1 disagree; "
+          "`refine_to_radiographs`), e.g. stage 3r",
 }
 MODES = ('single', 'evaluate', 'files')
 FILES_WARNING = ("real radiographs are not DRRs (scatter, anti-scatter grid, detector blur and noise, vendor processing, "
@@ -335,7 +357,7 @@ def _run_items(model, items, upto, views, staging, out, save_nifti, log, save_di
         refined, scored = None, ''
         if refine_steps:
             t2 = time.perf_counter()
-            refined = refine_to_radiographs(model, volumes[-1], xray[None], steps=refine_steps)
+            refined = refine_to_radiographs(model, volumes[-1], xray[None], steps=refine_steps, previous=volumes[-2] if upto > 1 else None)
             refine_seconds.append(time.perf_counter() - t2)
             errors[f'stage{upto}r'] = float(reprojection_error(model, refined, xray[None])[0])
         reprojection[str(item['patient_id'])] = errors
